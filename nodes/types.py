@@ -1,0 +1,8 @@
+"""The pack's own ComfyUI socket types. Values are plain kernel objects, so any node or script can use them."""
+
+from comfy_api.latest import io
+
+# kernels.cameras.CameraRig: OpenCV world-to-camera extrinsics, pixel intrinsics, image size.
+Cameras = io.Custom("MV4D_CAMERAS")
+# kernels.epipolar.EpipolarMask: compact per-pair epipolar masks, evaluated at any feature-map size.
+EpipolarMaskSocket = io.Custom("MV4D_EPIPOLAR_MASK")
