@@ -38,18 +38,18 @@ class EpipolarMask(io.ComfyNode):
                 io.Float.Input("band_fraction", default=round(CVD_BAND_FRACTION, 4), min=0.0001, max=1.0, step=0.0001,
                                tooltip="soft: band as a fraction of the largest line distance (CVD: 3/128 = 0.0234)."),
                 io.Float.Input("decay", default=CVD_DECAY, min=0.01, max=100.0, step=0.01, tooltip="soft: steepness of the bias outside the band (CVD: 3)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the pseudo-epipolar line slopes (pairs with no baseline)."),
+                io.Int.Input("slope_seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the pseudo-epipolar line slopes (pairs with no baseline)."),
             ],
             outputs=[EpipolarMaskSocket.Output("epipolar_mask", tooltip="Masks of all ordered view pairs, in compact form.")],
         )
 
     @classmethod
-    def execute(cls, cameras, latent_width, latent_height, mode, tau, reference_resolution, band_fraction, decay, seed) -> io.NodeOutput:
+    def execute(cls, cameras, latent_width, latent_height, mode, tau, reference_resolution, band_fraction, decay, slope_seed) -> io.NodeOutput:
         with kernel_errors_as_node_errors(MASK_NODE, {"query_size": "latent_width/latent_height", "key_size": "latent_width/latent_height"}):
             reference = None if reference_resolution == 0 else reference_size_for(cameras, reference_resolution)
             mask = build_epipolar_mask(
                 cameras, (latent_height, latent_width), mode=mode, tau=tau, band_fraction=band_fraction,
-                decay=decay, reference_size=reference, seed=seed,
+                decay=decay, reference_size=reference, seed=slope_seed,
             )
         return io.NodeOutput(mask)
 
@@ -67,11 +67,11 @@ class PreviewEpipolarMask(io.ComfyNode):
             ),
             is_output_node=True,
             inputs=[
-                EpipolarMaskSocket.Input("epipolar_mask"),
+                EpipolarMaskSocket.Input("epipolar_mask", tooltip="Masks from MV4D Epipolar Mask."),
                 io.Int.Input("source_view", default=0, min=0, max=4095, tooltip="View whose cells ask (queries)."),
                 io.Int.Input("target_view", default=1, min=0, max=4095, tooltip="View whose cells are masked (keys)."),
                 io.Int.Input("queries", default=4, min=1, max=8, tooltip="How many query cells to show."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Which query cells are picked."),
+                io.Int.Input("query_seed", default=0, min=0, max=2**31 - 1, tooltip="Which query cells are picked."),
                 io.Int.Input("panel_height", default=256, min=64, max=2048, tooltip="Height of each view's panel in pixels."),
                 io.Image.Input("images", optional=True, tooltip="Optional: one image per view, in view order, drawn under the masks."),
             ],
@@ -82,7 +82,7 @@ class PreviewEpipolarMask(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, epipolar_mask, source_view, target_view, queries, seed, panel_height, images=None) -> io.NodeOutput:
+    def execute(cls, epipolar_mask, source_view, target_view, queries, query_seed, panel_height, images=None) -> io.NodeOutput:
         pairs = epipolar_mask.pairs.tolist()
         if [source_view, target_view] not in pairs:
             views = 1 + max(max(pair) for pair in pairs)
@@ -96,7 +96,7 @@ class PreviewEpipolarMask(io.ComfyNode):
                                   "connect one image per view, in view order, or leave images unconnected")
             source_image, target_image = images[source_view], images[target_view]
         with kernel_errors_as_node_errors(PREVIEW_NODE):
-            cells = pick_query_cells(epipolar_mask, queries, seed)
+            cells = pick_query_cells(epipolar_mask, queries, query_seed)
             picture = render_mask_preview(epipolar_mask, pair_index, cells, source_image, target_image, panel_height)
         density = float(epipolar_mask.density([pair_index])[0])
         kind = "pseudo-epipolar" if bool(epipolar_mask.pseudo[pair_index]) else "epipolar"

@@ -1,0 +1,130 @@
+"""End to end through a real ComfyUI server that loads this checkout in place."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from mv4d_host_helpers import WORKFLOWS, execution_error, get_json, load_api_workflow, post_prompt, run_prompt, view
+from test_host_nodes import EXPECTED_NODES, POSE_LINE
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def test_object_info_lists_every_mv4d_node(comfy_server):
+    info = get_json(comfy_server.url + "/object_info")
+    ours = {node_id: entry for node_id, entry in info.items() if node_id.startswith("MV4D_")}
+    assert {node_id: entry["display_name"] for node_id, entry in ours.items()} == EXPECTED_NODES
+    assert all(entry["category"].startswith("mv4d/") and entry["description"] for entry in ours.values())
+    assert "Cannot import" not in comfy_server.log.read_text()
+
+
+@pytest.mark.parametrize("workflow", sorted(path.name for path in (WORKFLOWS / "api").glob("*.json")))
+def test_every_shipped_api_workflow_runs(comfy_server, workflow):
+    entry = run_prompt(comfy_server.url, load_api_workflow(workflow))
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    images = [item for output in entry["outputs"].values() for item in output.get("images", [])]
+    assert images, entry["outputs"]
+    from PIL import Image  # a ComfyUI requirement: imported only when a host is there
+
+    for item in images:
+        picture = Image.open(io.BytesIO(view(comfy_server.url, item)))
+        assert picture.format == "PNG" and picture.width > picture.height > 0
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """What the frontend's graph-to-prompt does for our simple graphs: widget values in input order, links."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in ("Note", "MarkdownNote"):
+            continue
+        info = object_info[node["type"]]
+        linked = {item["name"]: item["link"] for item in node.get("inputs", []) if item.get("link") is not None}
+        values = iter(node.get("widgets_values", []))
+        inputs = {}
+        for section in ("required", "optional"):
+            for name in info["input_order"].get(section, []):
+                spec = info["input"][section][name]
+                is_widget = isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+                if name in linked:
+                    link = links[linked[name]]
+                    inputs[name] = [str(link[1]), link[2]]
+                elif is_widget:
+                    inputs[name] = next(values)
+                if is_widget and len(spec) > 1 and spec[1].get("control_after_generate"):
+                    next(values)
+        assert next(values, None) is None, f"{node['type']} has more widget values than widgets"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("workflow", sorted(path.name for path in WORKFLOWS.glob("*.json")))
+def test_ui_workflows_match_their_api_twins(comfy_server, workflow):
+    object_info = get_json(comfy_server.url + "/object_info")
+    ui = json.loads((WORKFLOWS / workflow).read_text())
+    twin = {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in load_api_workflow(workflow).items()}
+    assert ui_to_api(ui, object_info) == twin
+
+
+def write_pose_file(folder: Path, name: str, lines: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("https://www.youtube.com/watch?v=test\n" + "\n".join(lines) + "\n")
+
+
+TRAJECTORY_PROMPT = {
+    "1": {"class_type": "MV4D_LoadCameraTrajectory", "inputs": {
+        "pose_file": "cameras/dolly.txt", "width": 256, "height": 256, "source_aspect": 1.7778,
+        "start_frame": 0, "frame_stride": 1, "max_frames": 16, "relative_to_first": True}},
+    "2": {"class_type": "MV4D_EpipolarMask", "inputs": {
+        "cameras": ["1", 0], "latent_width": 32, "latent_height": 32, "mode": "soft", "tau": 3.0,
+        "reference_resolution": 256, "band_fraction": 0.0234, "decay": 3.0, "slope_seed": 0}},
+    "3": {"class_type": "MV4D_PreviewEpipolarMask", "inputs": {
+        "epipolar_mask": ["2", 0], "source_view": 0, "target_view": 3, "queries": 3, "query_seed": 2, "panel_height": 128}},
+    "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "mv4d_tests/trajectory"}},
+}
+
+
+def test_trajectory_prompt_writes_its_output_file(comfy_server):
+    write_pose_file(comfy_server.input_dir / "cameras", "dolly.txt", [POSE_LINE.format(stamp=i * 33366, x=-0.05 * i) for i in range(8)])
+    entry = run_prompt(comfy_server.url, TRAJECTORY_PROMPT)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    saved = entry["outputs"]["4"]["images"]
+    assert saved[0]["type"] == "output" and saved[0]["subfolder"] == "mv4d_tests"
+    from PIL import Image
+
+    path = comfy_server.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
+    assert Image.open(path).size == (2 * 128 + 8, 128)
+
+
+def test_bad_input_through_the_server_reports_node_input_and_fix(comfy_server):
+    prompt = load_api_workflow("epipolar_mask_preview.json")
+    prompt["1"]["inputs"]["views"] = 1
+    prompt["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "mv4d_tests/never"}}
+    entry = run_prompt(comfy_server.url, prompt)
+    error = execution_error(entry)
+    assert entry["status"]["status_str"] == "error" and error["node_type"] == "MV4D_EpipolarMask"
+    assert "MV4D Epipolar Mask: input 'cameras': an epipolar mask needs at least 2 views, got 1. Fix:" in error["exception_message"]
+    assert not list(comfy_server.output_dir.glob("mv4d_tests/never*"))
+
+    write_pose_file(comfy_server.input_dir, "broken.txt", [POSE_LINE.format(stamp=0, x=0), "1 2 3 four"])
+    broken = json.loads(json.dumps(TRAJECTORY_PROMPT))
+    broken["1"]["inputs"]["pose_file"] = "broken.txt"
+    error = execution_error(run_prompt(comfy_server.url, broken))
+    assert "input 'pose_file': line 3: expected 19 numbers" in error["exception_message"]
+
+
+def test_missing_pose_file_is_refused_before_anything_runs(comfy_server):
+    prompt = json.loads(json.dumps(TRAJECTORY_PROMPT))
+    prompt["1"]["inputs"]["pose_file"] = "cameras/not_there.txt"
+    status, answer = post_prompt(comfy_server.url, prompt)
+    assert status == 400
+    messages = json.dumps(answer["node_errors"])
+    assert "not_there.txt" in messages and "does not exist in the input folder" in messages
+
+
+def test_the_template_browser_lists_our_workflows(comfy_server):
+    templates = get_json(comfy_server.url + "/workflow_templates")
+    shipped = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
+    assert sorted(templates.get("mv4d", [])) == shipped
