@@ -235,14 +235,14 @@ def look_at(eyes: torch.Tensor, target: Sequence[float] = (0.0, 0.0, 0.0), up: S
     return world_to_camera
 
 
-def orbit_azimuths_deg(views: int, start_azimuth_deg: float = 0.0, sv3d_order: bool = False) -> list[float]:
-    """Evenly spaced azimuths of an orbit.
+def orbit_azimuths_deg(views: int, start_azimuth_deg: float = 0.0, sv3d_order: bool = False, span_deg: float = 360.0) -> list[float]:
+    """Evenly spaced azimuths of an orbit covering span_deg (a full turn by default).
 
     Default order: the input view first, at `start_azimuth_deg`. SV3D order (official SV3D and Diffusion² code):
     start + 360 k / views for k = 1..views, so the input view is the LAST one, at start + 360 degrees.
     """
     first = 1 if sv3d_order else 0
-    return [start_azimuth_deg + 360.0 * k / views for k in range(first, views + first)]
+    return [start_azimuth_deg + span_deg * k / views for k in range(first, views + first)]
 
 
 def orbit_rig(
@@ -254,8 +254,10 @@ def orbit_rig(
     width: int = 576,
     start_azimuth_deg: float = 0.0,
     sv3d_order: bool = False,
+    target: Sequence[float] = (0.0, 0.0, 0.0),
+    span_deg: float = 360.0,
 ) -> CameraRig:
-    """Cameras on a circle around the origin, all looking at it (see the module docstring for the convention)."""
+    """Cameras on a circle around `target` (default the origin), all looking at it (see the module docstring)."""
     if views < 1:
         raise InvalidInput("views", f"an orbit needs at least 1 view, got {views}", "set views to 1 or more")
     if not radius > 0 or not math.isfinite(radius):
@@ -266,13 +268,14 @@ def orbit_rig(
     if not torch.isfinite(elevations).all() or (elevations.abs() >= 90).any():
         raise InvalidInput("elevation", f"must be strictly between -90 and 90 degrees, got {elevation_deg}",
                            "use an elevation like 10 (SV3D's default)")
-    azimuths = torch.deg2rad(torch.tensor(orbit_azimuths_deg(views, start_azimuth_deg, sv3d_order), dtype=GEOMETRY_DTYPE))
+    azimuths = torch.deg2rad(torch.tensor(orbit_azimuths_deg(views, start_azimuth_deg, sv3d_order, span_deg), dtype=GEOMETRY_DTYPE))
     elevations = torch.deg2rad(elevations)
-    eyes = radius * torch.stack(
+    target = torch.as_tensor(target, dtype=GEOMETRY_DTYPE)
+    eyes = target + radius * torch.stack(
         [torch.cos(elevations) * torch.cos(azimuths), torch.cos(elevations) * torch.sin(azimuths), torch.sin(elevations)],
         dim=-1,
     )
-    return CameraRig(look_at(eyes), intrinsics_from_fov(fov_deg, height, width), height, width)
+    return CameraRig(look_at(eyes, target), intrinsics_from_fov(fov_deg, height, width), height, width)
 
 
 @dataclass(frozen=True)

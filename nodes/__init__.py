@@ -4,10 +4,18 @@ from comfy_api.latest import ComfyExtension, io
 
 from .cameras import LoadCameraTrajectory, OrbitCameras
 from .epipolar import EpipolarMask, PreviewEpipolarMask
+from .host import register_model_folders
+from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
+from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
 
-NODES: list[type[io.ComfyNode]] = [OrbitCameras, LoadCameraTrajectory, EpipolarMask, PreviewEpipolarMask]
+NODES: list[type[io.ComfyNode]] = [
+    OrbitCameras, LoadCameraTrajectory, EpipolarMask, PreviewEpipolarMask,
+    ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
+    Fit4DGaussians, Render4D, Save4D, Load4D,
+]
 
 
 class MV4DExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_model_folders()
         return NODES

@@ -13,10 +13,14 @@ WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 
 
 def run_node(node_class, **inputs):
-    """Execute a V3 node the way ComfyUI's executor does: on a class clone of the node."""
+    """Execute a V3 node the way ComfyUI's executor does: on a class clone of the node, under
+    torch.inference_mode() (a node that needs gradients must turn them back on itself)."""
+    import torch
+
     node_class.VALIDATE_CLASS()
     clone = node_class.PREPARE_CLASS_CLONE(None)
-    return clone.execute(**inputs)
+    with torch.inference_mode():
+        return clone.execute(**inputs)
 
 
 def get_json(url: str):

@@ -12,6 +12,13 @@ EXPECTED_NODES = {
     "MV4D_LoadCameraTrajectory": "MV4D Load Camera Trajectory",
     "MV4D_EpipolarMask": "MV4D Epipolar Mask",
     "MV4D_PreviewEpipolarMask": "MV4D Preview Epipolar Mask",
+    "MV4D_ImagesToMultiviewVideo": "MV4D Images To Multiview Video",
+    "MV4D_MultiviewVideoToImages": "MV4D Multiview Video To Images",
+    "MV4D_ExampleScene": "MV4D Example Scene",
+    "MV4D_Fit4DGaussians": "MV4D Fit 4D Gaussians",
+    "MV4D_Render4D": "MV4D Render 4D",
+    "MV4D_Save4D": "MV4D Save 4D",
+    "MV4D_Load4D": "MV4D Load 4D",
 }
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mv4d_host_helpers import WORKFLOWS, execution_error, get_json, load_api_workflow, post_prompt, run_prompt, view
+from mv4d_host_helpers import WORKFLOWS, execution_error, get_json, load_api_workflow, post_prompt, run_prompt, view, wait_for_history
 from test_host_nodes import EXPECTED_NODES, POSE_LINE
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -20,6 +20,9 @@ def test_object_info_lists_every_mv4d_node(comfy_server):
     assert "Cannot import" not in comfy_server.log.read_text()
 
 
+MAGIC = {".ply": b"ply\n", ".splatv": bytes([0x4B, 0x67, 0, 0]), ".safetensors": None}
+
+
 @pytest.mark.parametrize("workflow", sorted(path.name for path in (WORKFLOWS / "api").glob("*.json")))
 def test_every_shipped_api_workflow_runs(comfy_server, workflow):
     entry = run_prompt(comfy_server.url, load_api_workflow(workflow))
@@ -30,7 +33,16 @@ def test_every_shipped_api_workflow_runs(comfy_server, workflow):
 
     for item in images:
         picture = Image.open(io.BytesIO(view(comfy_server.url, item)))
-        assert picture.format == "PNG" and picture.width > picture.height > 0
+        assert picture.format in ("PNG", "WEBP") and picture.width > 0 and picture.height > 0
+    for item in [item for output in entry["outputs"].values() for item in output.get("files", [])]:
+        data = view(comfy_server.url, item)  # every saved file comes back through /view
+        assert (comfy_server.output_dir / item["subfolder"] / item["filename"]).read_bytes() == data
+        suffix = Path(item["filename"]).suffix
+        if MAGIC.get(suffix):
+            assert data.startswith(MAGIC[suffix]), item
+        elif suffix == ".safetensors":
+            header_length = int.from_bytes(data[:8], "little")
+            assert json.loads(data[8:8 + header_length])["__metadata__"]["format"] == "mv4d.splats4d"
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
@@ -128,3 +140,24 @@ def test_the_template_browser_lists_our_workflows(comfy_server):
     templates = get_json(comfy_server.url + "/workflow_templates")
     shipped = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
     assert sorted(templates.get("mv4d", [])) == shipped
+
+
+def test_interrupting_a_fit_through_the_server_stops_it_and_saves_nothing(comfy_server):
+    import time
+    import urllib.request
+
+    prompt = load_api_workflow("4d_gaussians_example.json")
+    prompt["3"]["inputs"]["iterations"] = 200000  # hours on a CPU: it can only end by the interrupt
+    prompt["5"]["inputs"]["filename_prefix"] = "mv4d_tests/interrupted"
+    status, answer = post_prompt(comfy_server.url, prompt)
+    assert status == 200, answer
+    deadline = time.monotonic() + 120
+    while not get_json(comfy_server.url + "/queue")["queue_running"]:
+        assert time.monotonic() < deadline, "the prompt never started"
+        time.sleep(0.2)
+    time.sleep(3)  # well inside the fit loop
+    urllib.request.urlopen(urllib.request.Request(comfy_server.url + "/interrupt", data=b"{}", method="POST"), timeout=10)
+    entry = wait_for_history(comfy_server.url, answer["prompt_id"], timeout=120)
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in kinds
+    assert not list(comfy_server.output_dir.glob("mv4d_tests/interrupted*"))

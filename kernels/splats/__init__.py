@@ -1,0 +1,1 @@
+"""4D Gaussians: the dynamic model, rasterisers, initialisation, losses, fitting and file formats."""

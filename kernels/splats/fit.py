@@ -1,0 +1,233 @@
+"""Fit dynamic Gaussians to a V-view x F-frame multi-view video with known cameras.
+
+Each iteration takes one frame at random and a few of its views, renders them, and steps Adam on the
+photometric loss. Densification and pruning use gsplat's DefaultStrategy (3DGS's adaptive density control),
+with its opacity reset applied here: in gsplat 1.5.3 `step % reset_every == 0 & step > 0` parses as a chained
+comparison that is never true, so the strategy never resets opacities by itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import InvalidInput
+from ..multiview_video import MultiviewVideo
+from .init import camera_extent, initial_gaussians
+from .losses import LPIPS, photometric_loss, resize_images
+from .model import DynamicGaussians, MotionConfig
+from .rasterize import Backend, render, resolve_backend
+
+# Adam learning rates (3DGS's, per parameter); position-like ones are multiplied by the scene scale and decay
+# exponentially to 1% over the fit.
+LEARNING_RATES = {
+    "means": 1.6e-4, "position_motion": 1.6e-4,
+    "quats": 1e-3, "rotation_motion": 1e-3, "scales": 5e-3, "opacities": 5e-2,
+    "opacity_center": 2e-3, "opacity_log_width": 5e-3, "sh0": 2.5e-3, "shN": 2.5e-3 / 20,
+}
+POSITION_PARAMETERS = ("means", "position_motion")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    iterations: int = 5000
+    resolution: int = 0  # long side of the images the fit sees (0 = the video's own size)
+    views_per_step: int = 4
+    initial_gaussians: int = 20_000
+    max_gaussians: int = 1_000_000  # densification stops growing past this count (a VRAM bound)
+    densify: bool = True
+    densify_start: float = 0.05  # fraction of the iterations
+    densify_stop: float = 0.6
+    densify_every: int = 100
+    opacity_reset_every: int = 2000  # 0 = never
+    grow_grad2d: float = 0.0002
+    ssim_weight: float = 0.2
+    confidence_weighting: bool = False  # Diffusion²'s confidence-weighted D-SSIM (+ LPIPS), no L1
+    lpips_weight: float = 0.0
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    carve: bool = True  # start from the visual hull of the non-background pixels
+    initial_time_window: float = 0.1  # > 0: each Gaussian starts visible only around the frame it was carved at
+                                      # (temporal std in clip units); 0: visible over the whole clip
+    seed: int = 0
+    backend: Backend = "auto"
+    motion: MotionConfig = field(default_factory=MotionConfig)
+
+    def check(self) -> None:
+        if self.iterations <= 0:
+            raise InvalidInput("iterations", f"must be at least 1, got {self.iterations}", "use e.g. 5000 (Diffusion²)")
+        if self.views_per_step < 1:
+            raise InvalidInput("views_per_step", f"must be at least 1, got {self.views_per_step}", "use 1 to 8")
+        if self.resolution < 0 or self.initial_gaussians < 1 or self.max_gaussians < self.initial_gaussians:
+            raise InvalidInput("resolution", "resolution must be >= 0 and 1 <= initial_gaussians <= max_gaussians",
+                               "use resolution 0 (the images' size) and e.g. 20000 initial Gaussians")
+        if not 0 <= self.ssim_weight <= 1 or self.lpips_weight < 0:
+            raise InvalidInput("ssim_weight", "ssim_weight must lie in [0, 1] and lpips_weight be >= 0", "use 0.2 and 0")
+        if not 0 <= self.densify_start <= self.densify_stop <= 1 or self.densify_every < 1:
+            raise InvalidInput("densify", "densify_start <= densify_stop within [0, 1] and densify_every >= 1 are needed",
+                               "use 0.05, 0.6 and 100")
+
+
+@dataclass
+class FitResult:
+    gaussians: DynamicGaussians
+    seconds: float
+    backend: str
+    losses: list[float]  # mean loss of every block of 100 iterations
+    history: list[int]  # Gaussian count after every block of 100 iterations
+
+
+def fit_size(video: MultiviewVideo, resolution: int) -> tuple[int, int]:
+    if resolution == 0 or resolution >= max(video.height, video.width):
+        return video.height, video.width
+    scale = resolution / max(video.height, video.width)
+    return max(1, round(video.height * scale)), max(1, round(video.width * scale))
+
+
+def fit_dynamic_gaussians(
+    video: MultiviewVideo,
+    settings: FitSettings = FitSettings(),
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, int], None] | None = None,
+    lpips: LPIPS | None = None,
+) -> FitResult:
+    """on_step(done, total) is called every iteration (ComfyUI's progress bar and interrupt check); it may raise
+    to stop the fit, and nothing is returned then. Runs with autograd on even when called under
+    torch.inference_mode(), as ComfyUI executes nodes."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(video, settings, torch.device(device), on_step, lpips)
+
+
+def _fit(video, settings, device, on_step, lpips) -> FitResult:
+    settings.check()
+    video.check_has_content()
+    backend = resolve_backend(settings.backend, device)
+    started = time.perf_counter()
+    height, width = fit_size(video, settings.resolution)
+    # Targets as uint8 on the device (21 x 25 images of 576^2: 0.5 GB instead of 2 GB), converted a view at a time.
+    targets = torch.empty(video.num_views, video.num_frames, height, width, 3, dtype=torch.uint8, device=device)
+    for view in range(video.num_views):
+        targets[view] = (resize_images(video.images[view], height, width).clamp(0, 1) * 255).round().to(device, torch.uint8)
+    cameras = video.cameras.resized(height, width)
+    world_to_camera = cameras.world_to_camera.float().to(device)
+    intrinsics = cameras.intrinsics.float().to(device)
+    background = torch.tensor(settings.background, dtype=torch.float32, device=device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    lpips = lpips.to(device) if lpips is not None and settings.lpips_weight > 0 else None
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed)  # gsplat's split samples from the global generator
+        carve_background = background.cpu() if settings.carve else None
+        gaussians = initial_gaussians(video, settings.initial_gaussians, settings.motion, carve_background, generator, device,
+                                      settings.initial_time_window)
+        params = {name: torch.nn.Parameter(value.contiguous()) for name, value in gaussians.params.items()}
+        gaussians = DynamicGaussians(params, settings.motion)  # the strategy edits this dict in place
+        scene_scale = camera_extent(video.cameras)
+        base_rates = {name: LEARNING_RATES[name] * (scene_scale if name in POSITION_PARAMETERS else 1.0) for name in params}
+        # One Adam for all parameters (one step() and zero_grad() per iteration), seen by the strategy as one
+        # optimizer per parameter, gsplat's convention.
+        optimizer = torch.optim.Adam([{"params": [param], "lr": base_rates[name], "name": name} for name, param in params.items()],
+                                     eps=1e-15, fused=device.type == "cuda")
+        optimizers = {group["name"]: _OneGroup(optimizer, group) for group in optimizer.param_groups}
+        strategy, state = _strategy(settings, scene_scale)
+
+        losses, history, block_loss = [], [], torch.zeros((), device=device)
+        views_per_step = min(settings.views_per_step, video.num_views)
+        basis = gaussians.time_basis(video.times)
+        for step in range(settings.iterations):
+            frame = int(torch.randint(video.num_frames, (1,), generator=generator))
+            views = torch.randperm(video.num_views, generator=generator)[:views_per_step]
+            cameras_and_views = torch.stack([video.camera_indices(views, torch.full_like(views, frame)), views]).to(device, non_blocking=True)
+            camera_index, view_index = cameras_and_views
+            output = render(gaussians.frame_at(basis, frame), world_to_camera[camera_index],
+                            intrinsics[camera_index], width, height, background, backend)
+            target = targets[view_index, frame].float() / 255
+            if strategy is not None:
+                strategy.step_pre_backward(params, optimizers, state, step, output.info)
+            loss = photometric_loss(output.colors, target, settings.ssim_weight, settings.confidence_weighting,
+                                    lpips, settings.lpips_weight)
+            loss.backward()
+            if strategy is not None:
+                _densify(strategy, params, optimizers, state, step, output.info, settings)
+            decay = 0.01 ** (step / max(1, settings.iterations - 1))
+            for group in optimizer.param_groups:
+                if group["name"] in POSITION_PARAMETERS:
+                    group["lr"] = base_rates[group["name"]] * decay
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            block_loss += loss.detach()
+            if (step + 1) % 100 == 0 or step + 1 == settings.iterations:
+                losses.append(float(block_loss) / ((step % 100) + 1))
+                history.append(gaussians.count)
+                block_loss.zero_()
+            if on_step is not None:
+                on_step(step + 1, settings.iterations)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return FitResult(gaussians.detached(), time.perf_counter() - started, backend, losses, history)
+
+
+class _OneGroup:
+    """One parameter group of a shared optimizer, shaped like the one-parameter optimizer gsplat's strategy ops
+    expect: they read `state` and replace `param_groups[0]["params"]`, which is the shared group itself."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: dict):
+        self.state = optimizer.state
+        self.param_groups = [group]
+
+
+@functools.lru_cache(maxsize=1)
+def _strategy_class():
+    from gsplat.strategy import DefaultStrategy  # pure Python; imported only when a fit densifies
+
+    class SyncFreeStrategy(DefaultStrategy):
+        """gsplat's DefaultStrategy gathering its per-step gradient statistics without torch.where, which makes
+        the CPU wait for the GPU at every step (unpacked rendering, image-plane gradients, as we use it)."""
+
+        def _update_state(self, params, state, info, packed=False):
+            grads = info["means2d"].grad  # (C, N, 2)
+            # Python-number scales: a tensor built from a list here would be a blocking host-to-device copy.
+            x = grads[..., 0] * (info["width"] / 2.0 * info["n_cameras"])
+            y = grads[..., 1] * (info["height"] / 2.0 * info["n_cameras"])
+            seen = (info["radii"] > 0).all(dim=-1)  # (C, N)
+            count = len(params["means"])
+            if state["grad2d"] is None:
+                state["grad2d"] = torch.zeros(count, device=grads.device)
+                state["count"] = torch.zeros(count, device=grads.device)
+            state["grad2d"] += (torch.sqrt(x * x + y * y) * seen).sum(0)
+            state["count"] += seen.sum(0)
+
+    return SyncFreeStrategy
+
+
+def _strategy(settings: FitSettings, scene_scale: float):
+    if not settings.densify:
+        return None, None
+    strategy = _strategy_class()(
+        refine_start_iter=int(settings.densify_start * settings.iterations),
+        refine_stop_iter=int(settings.densify_stop * settings.iterations),
+        refine_every=settings.densify_every,
+        reset_every=settings.opacity_reset_every or 10**9,
+        grow_grad2d=settings.grow_grad2d,
+    )
+    return strategy, strategy.initialize_state(scene_scale=scene_scale)
+
+
+def _densify(strategy, params, optimizers, state, step, info, settings) -> None:
+    from gsplat.strategy.ops import reset_opa
+
+    if step < strategy.refine_stop_iter and len(params["means"]) >= settings.max_gaussians:
+        # at the cap: keep pruning and resetting, stop growing (the strategy only grows at refine steps)
+        growth = strategy.grow_grad2d
+        strategy.grow_grad2d = math.inf
+        strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
+        strategy.grow_grad2d = growth
+    else:
+        strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
+    reset_every = settings.opacity_reset_every
+    if reset_every and 0 < step < strategy.refine_stop_iter and step % reset_every == 0:
+        reset_opa(params=params, optimizers=optimizers, state=state, value=strategy.prune_opa * 2.0)

@@ -1,0 +1,62 @@
+"""The few ComfyUI services our nodes use: the compute device, progress bars that stop when the user presses
+Cancel, model folders, and output paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import comfy.model_management as model_management
+import comfy.utils
+import folder_paths
+import torch
+
+from ..kernels.files import inside
+
+LPIPS_FOLDER = "lpips"
+
+
+def compute_device() -> torch.device:
+    return model_management.get_torch_device()
+
+
+def make_room(device: torch.device, bytes_needed: int) -> None:
+    """Ask ComfyUI to unload models until about `bytes_needed` is free on the device (no-op on the CPU)."""
+    if device.type == "cuda":
+        model_management.free_memory(bytes_needed, device)
+
+
+def progress(total: int, every: int = 1) -> Callable[[int, int], None]:
+    """on_step(done, total) for kernels: advances the node's progress bar and raises ComfyUI's interrupt when the
+    user cancels, so a long loop stops at the next step."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def on_step(done: int, _total: int = total) -> None:
+        model_management.throw_exception_if_processing_interrupted()
+        if done % every == 0 or done == total:
+            bar.update_absolute(done, total)
+
+    return on_step
+
+
+def register_model_folders() -> None:
+    """ComfyUI/models/lpips: the user's LPIPS weights (vgg16 backbone and LPIPS v0.1 heads)."""
+    folder = os.path.join(folder_paths.models_dir, LPIPS_FOLDER)
+    if LPIPS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(LPIPS_FOLDER, folder)
+
+
+def output_base(filename_prefix: str) -> tuple[Path, str, str]:
+    """(base path without suffix, subfolder, file stem) for a new numbered output, refused outside the output folder."""
+    output = folder_paths.get_output_directory()
+    inside(output, filename_prefix)
+    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output)
+    stem = f"{filename}_{counter:05}_"
+    return Path(full_folder) / stem, subfolder, stem
+
+
+def ui_entry(path: Path) -> dict:
+    """{filename, subfolder, type} of a file under the output folder, as /view and /history expect."""
+    relative = path.resolve().relative_to(Path(folder_paths.get_output_directory()).resolve())
+    return {"filename": relative.name, "subfolder": relative.parent.as_posix() if relative.parent != Path(".") else "", "type": "output"}
