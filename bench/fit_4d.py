@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=25)
     parser.add_argument("--size", type=int, default=576)
     parser.add_argument("--iterations", type=int, default=5000)
-    parser.add_argument("--views-per-step", type=int, default=4)
+    parser.add_argument("--views-per-step", type=int, default=3)
     parser.add_argument("--initial-gaussians", type=int, default=20000)
     parser.add_argument("--max-gaussians", type=int, default=1_000_000)
     parser.add_argument("--sh-degree", type=int, default=1)

@@ -85,7 +85,7 @@ class Fit4DGaussians(io.ComfyNode):
                 MultiviewVideoSocket.Input("multiview_video", tooltip="Views x frames images with their cameras."),
                 io.Int.Input("iterations", default=5000, min=1, max=200000, tooltip="Optimisation steps (Diffusion²: 5000)."),
                 io.Int.Input("resolution", default=576, min=0, max=4096, tooltip="Long side of the images the fit compares against (0 = their own size)."),
-                io.Int.Input("views_per_step", default=4, min=1, max=64, tooltip="Views of one frame rendered per step."),
+                io.Int.Input("views_per_step", default=3, min=1, max=64, tooltip="Views of one frame rendered per step. 3 fits 21 views x 25 frames at 576 px in about 28 s on an H200 (5000 steps); 4 gains about 0.25 dB for about 15% more time."),
                 io.Int.Input("initial_gaussians", default=20000, min=1, max=2_000_000, tooltip="Gaussians to start from."),
                 io.Int.Input("max_gaussians", default=1_000_000, min=1, max=20_000_000, tooltip="Densification stops adding past this count (VRAM bound)."),
                 io.Boolean.Input("densify", default=True, tooltip="Split, clone and prune Gaussians during the fit (3DGS adaptive density control)."),

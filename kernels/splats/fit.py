@@ -37,7 +37,7 @@ POSITION_PARAMETERS = ("means", "position_motion")
 class FitSettings:
     iterations: int = 5000
     resolution: int = 0  # long side of the images the fit sees (0 = the video's own size)
-    views_per_step: int = 4
+    views_per_step: int = 3
     initial_gaussians: int = 20_000
     max_gaussians: int = 1_000_000  # densification stops growing past this count (a VRAM bound)
     densify: bool = True

@@ -34,3 +34,24 @@ def test_torch_and_gsplat_renderers_agree():
               f"alpha max diff {float((reference.alphas - fast.alphas).abs().max()):.2e}")
         assert agreement >= 60.0
         assert torch.equal(reference.info["radii"].cpu(), fast.info["radii"].cpu())
+
+
+def test_a_gsplat_fit_on_the_gpu_improves_on_its_start():
+    from mv4d.kernels.splats.fit import FitSettings, fit_dynamic_gaussians
+    from mv4d.kernels.splats.init import initial_gaussians
+    from mv4d.kernels.splats.model import MotionConfig
+    from mv4d.kernels.splats.views import grid_request, render_images
+    from mv4d.kernels.synthetic_scene import example_multiview_video
+
+    rig = orbit_rig(6, height=96, width=96, sv3d_order=True)
+    video = example_multiview_video(rig, 4, perturbation=0.0)
+
+    def score(gaussians):
+        cameras, times = grid_request(rig, video.times)
+        images = render_images(gaussians.to("cuda"), cameras, times, torch.ones(3))
+        return float(psnr(images, video.images.reshape(-1, 96, 96, 3)))
+
+    result = fit_dynamic_gaussians(video, FitSettings(iterations=500, initial_gaussians=2000, views_per_step=3), "cuda")
+    start = initial_gaussians(video, 2000, MotionConfig(), torch.ones(3), torch.Generator().manual_seed(0), time_window=0.1)
+    assert result.backend == "gsplat"
+    assert score(result.gaussians) >= score(start) + 5.0
