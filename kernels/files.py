@@ -16,12 +16,12 @@ from typing import Iterator
 from .errors import InvalidInput
 
 
-def inside(root: str | Path, relative: str | Path, argument: str = "filename_prefix") -> Path:
+def inside(root: str | Path, relative: str | Path, argument: str = "filename_prefix", folder: str = "the output folder") -> Path:
     """root / relative, refused when it would leave root (.., absolute paths, symlinks out)."""
     root_path = Path(root).resolve()
     path = (root_path / relative).resolve()
     if path != root_path and root_path not in path.parents:
-        raise InvalidInput(argument, f"{str(relative)!r} points outside the output folder", "use a plain name or a subfolder, without '..'")
+        raise InvalidInput(argument, f"{str(relative)!r} points outside {folder}", "use a plain name or a subfolder, without '..'")
     return path
 
 

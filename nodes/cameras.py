@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import folder_paths
 from comfy_api.latest import io
 
 from ..kernels.cameras import orbit_rig
 from ..kernels.pose_files import parse_pose_file
+from . import host
 from .node_errors import input_error, kernel_errors_as_node_errors
 from .types import Cameras
 
 MAX_SIZE = 8192
 ORDER_INPUT_FIRST = "input view first"
+LOAD_TRAJECTORY = "MV4D Load Camera Trajectory"
 ORDER_SV3D = "SV3D: input view last (360 deg)"
 
 
@@ -55,28 +55,8 @@ class OrbitCameras(io.ComfyNode):
         return io.NodeOutput(rig)
 
 
-def pose_files_in_input_folder() -> list[str]:
-    """Relative paths (with /) of the .txt files anywhere under ComfyUI's input folder."""
-    root = folder_paths.get_input_directory()
-    found = []
-    for directory, _, files in os.walk(root, followlinks=True):
-        for name in files:
-            if name.lower().endswith(".txt"):
-                found.append(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
-    return sorted(found)
-
-
-def resolve_pose_file(relative_path: str) -> str:
-    """The absolute path of a file picked in the input folder; refuses anything that leaves the folder."""
-    root = os.path.realpath(folder_paths.get_input_directory())
-    path = os.path.realpath(os.path.join(root, relative_path))
-    if os.path.commonpath([root, path]) != root:
-        raise input_error("MV4D Load Camera Trajectory", "pose_file", f"{relative_path!r} is outside the input folder",
-                          "pick a file inside ComfyUI's input folder")
-    if not os.path.isfile(path):
-        raise input_error("MV4D Load Camera Trajectory", "pose_file", f"{relative_path!r} does not exist in the input folder",
-                          "copy the pose file into ComfyUI/input and refresh the node list")
-    return path
+def resolve_pose_file(relative_path: str):
+    return host.existing_file(folder_paths.get_input_directory(), relative_path, LOAD_TRAJECTORY, "pose_file", "the input folder")
 
 
 class LoadCameraTrajectory(io.ComfyNode):
@@ -84,7 +64,7 @@ class LoadCameraTrajectory(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="MV4D_LoadCameraTrajectory",
-            display_name="MV4D Load Camera Trajectory",
+            display_name=LOAD_TRAJECTORY,
             category="mv4d/cameras",
             description=(
                 "Reads a RealEstate10K / CameraCtrl pose file (the format CVD uses) from ComfyUI's input folder: a URL "
@@ -92,7 +72,7 @@ class LoadCameraTrajectory(io.ComfyNode):
                 "scaled to cover width x height and centre-cropped, as CameraCtrl does."
             ),
             inputs=[
-                io.Combo.Input("pose_file", options=pose_files_in_input_folder(),
+                io.Combo.Input("pose_file", options=host.files_under(folder_paths.get_input_directory(), (".txt",)),
                                tooltip="A .txt pose file inside ComfyUI's input folder (subfolders allowed)."),
                 io.Int.Input("width", default=256, min=8, max=MAX_SIZE, step=8, tooltip="Width of the generated frames."),
                 io.Int.Input("height", default=256, min=8, max=MAX_SIZE, step=8, tooltip="Height of the generated frames."),
@@ -122,10 +102,9 @@ class LoadCameraTrajectory(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, pose_file, **_other_inputs):
         try:
-            stat = os.stat(resolve_pose_file(pose_file))
+            return host.fingerprint(resolve_pose_file(pose_file))
         except ValueError:
             return pose_file
-        return f"{pose_file}:{stat.st_mtime_ns}:{stat.st_size}"  # re-run when the file changes
 
     @classmethod
     def execute(cls, pose_file, width, height, source_aspect, start_frame, frame_stride, max_frames, relative_to_first) -> io.NodeOutput:
@@ -134,8 +113,8 @@ class LoadCameraTrajectory(io.ComfyNode):
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()
         except (OSError, UnicodeDecodeError) as error:
-            raise input_error("MV4D Load Camera Trajectory", "pose_file", f"cannot read {pose_file!r} ({error})",
+            raise input_error(LOAD_TRAJECTORY, "pose_file", f"cannot read {pose_file!r} ({error})",
                               "use a plain-text RealEstate10K / CameraCtrl pose file") from None
-        with kernel_errors_as_node_errors("MV4D Load Camera Trajectory", {"size": "width/height", "frames": "start_frame/frame_stride/max_frames"}):
+        with kernel_errors_as_node_errors(LOAD_TRAJECTORY, {"size": "width/height", "frames": "start_frame/frame_stride/max_frames"}):
             trajectory = parse_pose_file(text, height, width, source_aspect, start_frame, frame_stride, max_frames, relative_to_first)
         return io.NodeOutput(trajectory.cameras, len(trajectory.cameras))

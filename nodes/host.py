@@ -13,6 +13,7 @@ import folder_paths
 import torch
 
 from ..kernels.files import inside
+from .node_errors import input_error, kernel_errors_as_node_errors
 
 LPIPS_FOLDER = "lpips"
 
@@ -60,3 +61,28 @@ def ui_entry(path: Path) -> dict:
     """{filename, subfolder, type} of a file under the output folder, as /view and /history expect."""
     relative = path.resolve().relative_to(Path(folder_paths.get_output_directory()).resolve())
     return {"filename": relative.name, "subfolder": relative.parent.as_posix() if relative.parent != Path(".") else "", "type": "output"}
+
+
+def files_under(root: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Relative paths (with /) of the files anywhere under root whose names end with one of the suffixes."""
+    found = []
+    for directory, _, names in os.walk(root, followlinks=True):
+        for name in names:
+            if name.lower().endswith(suffixes):
+                found.append(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def existing_file(root: str, relative: str, node: str, input_name: str, folder: str) -> Path:
+    """The file `relative` under root, refused when it leaves root or does not exist (a node input error)."""
+    with kernel_errors_as_node_errors(node, {input_name: input_name}):
+        path = inside(root, relative, input_name, folder)
+    if not path.is_file():
+        raise input_error(node, input_name, f"{relative!r} does not exist in {folder}", f"put it in {folder} and refresh the node list (R)")
+    return path
+
+
+def fingerprint(path: Path) -> str:
+    """Changes when the file does, so ComfyUI re-runs a loader whose file was edited."""
+    stat = path.stat()
+    return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"

@@ -44,9 +44,9 @@ def core_splat_frames(scene: Splats4D):
     with torch.no_grad():
         times = scene.frame_times
         frames = len(times)
-        return Types.SPLAT(
-            g.positions(times), g.params["scales"].exp().expand(frames, -1, -1).contiguous(), g.rotations(times),
-            g.opacities(times)[..., None], g.sh().expand(frames, -1, -1, -1).contiguous(),
+        return Types.SPLAT(  # scales and colours do not change over time: expanded views, not copies
+            g.positions(times), g.params["scales"].exp().expand(frames, -1, -1), g.rotations(times),
+            g.opacities(times)[..., None], g.sh().expand(frames, -1, -1, -1),
         )
 
 
@@ -218,30 +218,20 @@ class Save4D(io.ComfyNode):
         return io.NodeOutput(ui={"files": results, "text": [summary]})
 
 
+LOAD_ROOTS = {"output": folder_paths.get_output_directory, "input": folder_paths.get_input_directory}
+
+
 def loadable_files() -> list[str]:
-    """Our 4D files (.mv4d.safetensors, .splatv) anywhere under the output and input folders."""
-    found = []
-    for kind, root in (("output", folder_paths.get_output_directory()), ("input", folder_paths.get_input_directory())):
-        for directory, _, names in os.walk(root):
-            for name in names:
-                if name.endswith(SUFFIX) or name.endswith(".splatv"):
-                    relative = os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/")
-                    found.append(f"{relative} [{kind}]")
-    return sorted(found)
+    """Our 4D files (.mv4d.safetensors, .splatv) anywhere under the output and input folders, as 'path [folder]'."""
+    return sorted(f"{relative} [{kind}]" for kind, root in LOAD_ROOTS.items() for relative in host.files_under(root(), (SUFFIX, ".splatv")))
 
 
 def resolve_loadable(choice: str) -> Path:
     name, _, kind = choice.rpartition(" [")
-    roots = {"output]": folder_paths.get_output_directory(), "input]": folder_paths.get_input_directory()}
-    if kind not in roots:
+    kind = kind.rstrip("]")
+    if kind not in LOAD_ROOTS:
         raise input_error(LOAD, "file", f"{choice!r} is not a listed file", "pick a file from the list (refresh with R)")
-    with kernel_errors_as_node_errors(LOAD, {"filename_prefix": "file"}):
-        from ..kernels.files import inside
-
-        path = inside(roots[kind], name, "file")
-    if not path.is_file():
-        raise input_error(LOAD, "file", f"{name!r} does not exist", "pick a file from the list (refresh with R)")
-    return path
+    return host.existing_file(LOAD_ROOTS[kind](), name, LOAD, "file", f"the {kind} folder")
 
 
 class Load4D(io.ComfyNode):
@@ -268,10 +258,9 @@ class Load4D(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, file):
         try:
-            stat = resolve_loadable(file).stat()
+            return host.fingerprint(resolve_loadable(file))
         except ValueError:
             return file
-        return f"{file}:{stat.st_mtime_ns}:{stat.st_size}"
 
     @classmethod
     def execute(cls, file) -> io.NodeOutput:

@@ -43,6 +43,21 @@ def test_fit_gives_4d_gaussians_and_core_splat_frames_where_the_host_has_them(mv
         assert outputs == ["splats_4d"] and len(fitted.args) == 1
 
 
+def test_core_splat_nodes_take_our_frames(mv4d_nodes, fitted):
+    from comfy_api.latest import io
+
+    if not hasattr(io, "Splat"):
+        pytest.skip("this ComfyUI has no core SPLAT type (added in 0.29)")
+    from comfy_extras.nodes_gaussian_splat import File3DToSplat, SplatToFile3D
+
+    splat = fitted.args[1]
+    frame_one = type(splat)(splat.positions[1:2], splat.scales[1:2], splat.rotations[1:2], splat.opacities[1:2], splat.sh[1:2])
+    ply = run_node(SplatToFile3D, splat=frame_one, format="ply").args[0]
+    back = run_node(File3DToSplat, model_3d=ply).args[0]
+    assert torch.allclose(back.positions[0], splat.positions[1], atol=1e-5)
+    assert torch.allclose(back.opacities[0], splat.opacities[1], atol=1e-4)
+
+
 def test_render_turntable_and_cameras_by_frames(mv4d_nodes, fitted):
     scene = fitted.args[0]
     turntable = run_node(mv4d_nodes.Render4D, splats_4d=scene, **RENDER)
