@@ -149,7 +149,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_lpips(backbone: Path, heads: Path) -> LPIPS:
     """LPIPS from torchvision's VGG16 weights (e.g. vgg16-397923af.pth, keys features.N.weight/bias) and the LPIPS
     v0.1 linear heads (lpips' weights/v0.1/vgg.pth, keys lin0.model.1.weight ... lin4.model.1.weight), each as
-    .pth (read with weights_only=True) or .safetensors."""
+    .pth (read with weights_only=True) or .safetensors. Built outside inference mode (ComfyUI runs nodes in it):
+    the fit differentiates through these weights."""
+    with torch.inference_mode(False):
+        return _load_lpips(backbone, heads)
+
+
+def _load_lpips(backbone: Path, heads: Path) -> LPIPS:
     model = LPIPS()
     try:
         backbone_state = _read_state_dict(Path(backbone))

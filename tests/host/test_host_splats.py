@@ -116,3 +116,22 @@ def test_multiview_video_round_trips_through_image_batches(mv4d_nodes, example):
     assert images.shape == (4 * 3, 32, 32, 3) and frames == 3
     back = run_node(mv4d_nodes.ImagesToMultiviewVideo, images=images, cameras=cameras, frames=frames).args[0]
     assert torch.equal(back.images, example.images)
+
+
+def test_lpips_weights_in_the_models_folder_are_found_and_used(comfy, mv4d_nodes, example, tmp_path):
+    """No LPIPS weights can be downloaded here: random ones in the real files' layouts stand in for them."""
+    from safetensors.torch import save_file
+
+    from mv4d.kernels.splats.losses import _CHANNELS, LPIPS
+
+    backbone = {f"features.{k}": torch.randn(v.shape) * 0.05 for k, v in LPIPS().features.state_dict().items()}
+    torch.save(backbone, tmp_path / "vgg16-397923af.pth")
+    save_file({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(_CHANNELS)}, str(tmp_path / "vgg.safetensors"))
+    save_file({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(_CHANNELS)}, str(tmp_path / "lpips_vgg.safetensors"))
+    comfy.add_model_folder_path("lpips", str(tmp_path))
+    try:
+        scene = run_node(mv4d_nodes.Fit4DGaussians, multiview_video=example,
+                         **(FIT | {"iterations": 5, "lpips_weight": 0.5, "loss": "confidence-weighted D-SSIM (Diffusion²)"})).args[0]
+        assert scene.gaussians.count > 0
+    finally:
+        comfy.folder_names_and_paths["lpips"][0].remove(str(tmp_path))
