@@ -28,14 +28,15 @@ def make_room(device: torch.device, bytes_needed: int) -> None:
         model_management.free_memory(bytes_needed, device)
 
 
-def progress(total: int, every: int = 1) -> Callable[[int, int], None]:
-    """on_step(done, total) for kernels: advances the node's progress bar and raises ComfyUI's interrupt when the
-    user cancels, so a long loop stops at the next step."""
-    bar = comfy.utils.ProgressBar(total)
+def progress(every: int = 1) -> Callable[[int, int], None]:
+    """on_step(done, total) for kernels: advances the node's progress bar (sized by the kernel's own total) and
+    raises ComfyUI's interrupt when the user cancels, so a long loop stops at the next step."""
+    bars: dict[int, comfy.utils.ProgressBar] = {}
 
-    def on_step(done: int, _total: int = total) -> None:
+    def on_step(done: int, total: int) -> None:
         model_management.throw_exception_if_processing_interrupted()
         if done % every == 0 or done == total:
+            bar = bars.setdefault(total, comfy.utils.ProgressBar(total))
             bar.update_absolute(done, total)
 
     return on_step
@@ -48,13 +49,12 @@ def register_model_folders() -> None:
         folder_paths.add_model_folder_path(LPIPS_FOLDER, folder)
 
 
-def output_base(filename_prefix: str) -> tuple[Path, str, str]:
-    """(base path without suffix, subfolder, file stem) for a new numbered output, refused outside the output folder."""
+def output_base(filename_prefix: str) -> Path:
+    """The base path (no suffix) of a new numbered output, refused outside the output folder."""
     output = folder_paths.get_output_directory()
     inside(output, filename_prefix)
-    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output)
-    stem = f"{filename}_{counter:05}_"
-    return Path(full_folder) / stem, subfolder, stem
+    full_folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, output)
+    return Path(full_folder) / f"{filename}_{counter:05}_"
 
 
 def ui_entry(path: Path) -> dict:

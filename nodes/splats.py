@@ -127,7 +127,7 @@ class Fit4DGaussians(io.ComfyNode):
             device = host.compute_device()
             height, width = fit_size(multiview_video, resolution)
             host.make_room(device, multiview_video.num_views * multiview_video.num_frames * height * width * 3 + max_gaussians * 1024)
-            result = fit_dynamic_gaussians(multiview_video, settings, device, host.progress(iterations, every=10), lpips)
+            result = fit_dynamic_gaussians(multiview_video, settings, device, host.progress(every=10), lpips)
         gaussians = result.gaussians.to("cpu")  # cached outputs stay in RAM, not VRAM
         scene = Splats4D(gaussians, multiview_video.times.clone(), multiview_video.cameras)
         return io.NodeOutput(*with_splats(scene))
@@ -176,7 +176,7 @@ class Render4D(io.ComfyNode):
                 rig, times = grid_request(rig, times)
             device = host.compute_device()
             images = render_images(splats_4d.gaussians.to(device), rig, times, torch.tensor(BACKGROUNDS[background]),
-                                   on_image=host.progress(len(times)))
+                                   on_image=host.progress())
         preview = ui.ImageSaveHelper.save_animated_webp(images, "mv4d_render", io.FolderType.temp, cls, fps, False, 85, 4)
         return io.NodeOutput(images, ui=ui.SavedImages([preview], is_animated=len(images) > 1))
 
@@ -208,9 +208,8 @@ class Save4D(io.ComfyNode):
     @classmethod
     def execute(cls, splats_4d, filename_prefix, splatv, ply_sequence, static_ply, static_time) -> io.NodeOutput:
         with kernel_errors_as_node_errors(SAVE):
-            base, _, _ = host.output_base(filename_prefix)
-            files = 1 + int(splatv) + (len(splats_4d.frame_times) if ply_sequence else 0) + int(static_ply)
-            saved = export_scene(splats_4d, base, splatv, ply_sequence, static_time if static_ply else None, host.progress(files))
+            base = host.output_base(filename_prefix)
+            saved = export_scene(splats_4d, base, splatv, ply_sequence, static_time if static_ply else None, host.progress())
         results = [host.ui_entry(path) for path in saved.paths]
         summary = f"{len(saved.paths)} files, {splats_4d.gaussians.count} Gaussians"
         if saved.splatv_motion_error:

@@ -154,7 +154,7 @@ def _render_torch(frame, viewmats, Ks, width, height, background) -> RenderOutpu
         alphas_out.append(alpha)
     info = {
         "means2d": projected["means2d"], "radii": projected["radii"], "width": width, "height": height,
-        "n_cameras": len(viewmats), "gaussian_ids": None, "depths": projected["depths"],
+        "n_cameras": len(viewmats), "gaussian_ids": None,
     }
     return RenderOutput(torch.stack(colours_out), torch.stack(alphas_out), info)
 
