@@ -7,9 +7,11 @@ Frame times are normalised to [0, 1].
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 from .cameras import CameraRig
 from .errors import InvalidInput
@@ -100,3 +102,19 @@ def from_image_batch(images: torch.Tensor, cameras: CameraRig, frames: int) -> M
 def to_image_batch(video: MultiviewVideo) -> torch.Tensor:
     """The images as one ComfyUI IMAGE batch, view-major."""
     return video.images.reshape(-1, *video.images.shape[2:])
+
+
+def mosaic(images: torch.Tensor, max_width: int = 1024) -> torch.Tensor:
+    """(V, F, H, W, 3) -> (F, h, w, 3): every view of a frame side by side in a near-square tiling (unused tiles
+    black), scaled down so the mosaic is at most max_width wide. A preview of the whole grid as one video."""
+    views, frames, height, width, _ = images.shape
+    tiles_across = math.ceil(math.sqrt(views))
+    tiles_down = math.ceil(views / tiles_across)
+    scale = min(1.0, max_width / (tiles_across * width))
+    tile_height, tile_width = max(1, round(height * scale)), max(1, round(width * scale))
+    flat = rearrange(images, "v f h w c -> (v f) c h w")
+    if (tile_height, tile_width) != (height, width):
+        flat = torch.nn.functional.interpolate(flat, size=(tile_height, tile_width), mode="area")
+    tiles = rearrange(flat, "(v f) c h w -> v f h w c", v=views)
+    padding = tiles.new_zeros(tiles_across * tiles_down - views, *tiles.shape[1:])
+    return rearrange(torch.cat([tiles, padding]), "(r k) f h w c -> f (r h) (k w) c", k=tiles_across)

@@ -3,6 +3,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .cameras import LoadCameraTrajectory, OrbitCameras
+from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, RollbackEuler, SV3DConditioning
 from .epipolar import EpipolarMask, PreviewEpipolarMask
 from .host import register_model_folders
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
@@ -11,6 +12,7 @@ from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
 NODES: list[type[io.ComfyNode]] = [
     OrbitCameras, LoadCameraTrajectory, EpipolarMask, PreviewEpipolarMask,
     ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
+    SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid,
     Fit4DGaussians, Render4D, Save4D, Load4D,
 ]
 

@@ -10,3 +10,5 @@ EpipolarMaskSocket = io.Custom("MV4D_EPIPOLAR_MASK")
 MultiviewVideoSocket = io.Custom("MV4D_MULTIVIEW_VIDEO")
 # kernels.splats.model.Splats4D: dynamic Gaussians with their frame times and cameras.
 Splats4DSocket = io.Custom("MV4D_SPLATS4D")
+# nodes.composed_guider.GridConditioning: the grid shape and the per-row / per-column conditioning of both models.
+GridConditioningSocket = io.Custom("MV4D_GRID_CONDITIONING")

@@ -1,0 +1,158 @@
+"""Diffusion² score composition: how much of the video model and of the multi-view model goes into each cell of
+a views x frames latent grid at each denoising step, the grid's row/column layouts, and the rollback Euler sampler.
+
+The grid travels view-major: cell (v, f) sits at batch index v * F + f, so row v (a video, one view over time) is
+the contiguous slice [v * F, (v + 1) * F) and column f (a multi-view set at one time) is every F-th item from f.
+
+At equal sigma combining scores is the same as combining denoised predictions (score = (D - x) / sigma^2), so the
+composed denoiser is D = w_video * D_video(row) + w_multiview * D_multiview(column) with w_video + w_multiview = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from einops import rearrange
+
+from .errors import InvalidInput
+
+SCHEDULES = ("constant", "linear", "logistic")
+
+
+@dataclass(frozen=True)
+class CompositionSchedule:
+    """The multi-view weight s over the denoising steps (official code's ScaleScheduler).
+
+    x = step / (steps - 1) runs from 0 (the noisiest step) to 1. constant: s = weight. linear: s goes from `start`
+    to `end`. logistic: s = end + (start - end) * (1 - 1 / (1 + exp(-k (x - center)))), so with start > end the
+    multi-view model leads while the geometry forms and hands over to the video model for the details.
+    per_view: modulate by each view's azimuth (official code): views seen from the side lean on the multi-view model.
+    """
+
+    kind: str = "constant"
+    weight: float = 0.6
+    start: float = 1.0
+    end: float = 0.0
+    logistic_k: float = 15.0
+    logistic_center: float = 0.5
+    per_view: bool = True
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise InvalidInput("schedule", f"unknown schedule {self.kind!r}", f"use one of {', '.join(SCHEDULES)}")
+        for name in ("weight", "start", "end"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise InvalidInput(name, f"{value} is outside [0, 1]", "a model weight is a fraction between 0 and 1")
+
+
+def multiview_weight(schedule: CompositionSchedule, step: int, steps: int) -> float:
+    """s at step `step` (0 = noisiest) of `steps` denoising steps."""
+    x = step / (steps - 1) if steps > 1 else 0.0
+    if schedule.kind == "constant":
+        return schedule.weight
+    if schedule.kind == "linear":
+        return schedule.start + x * (schedule.end - schedule.start)
+    ratio = 1.0 - 1.0 / (1.0 + math.exp(-schedule.logistic_k * (x - schedule.logistic_center)))
+    return schedule.end + ratio * (schedule.start - schedule.end)
+
+
+def view_video_shares(azimuths_deg: list[float]) -> torch.Tensor:
+    """Per-view w_v of the official code: 1 - 0.75 (1 - c_v), c_v = (1 + cos(2 azimuth_v)) / 2.
+
+    Front and back views (azimuth 0 or 180 from the reference) keep w = 1; side views drop to 0.25. For SV3D's 21
+    azimuths 360 (v + 1) / 21 this is the official table c_v = (1 + cos(2 pi (v + 1) / 10.5)) / 2.
+    """
+    azimuths = torch.deg2rad(torch.tensor(azimuths_deg, dtype=torch.float64))
+    closeness = 0.5 * (1.0 + torch.cos(2.0 * azimuths))
+    return 1.0 - 0.75 * (1.0 - closeness)
+
+
+def model_weights(schedule: CompositionSchedule, step: int, steps: int, azimuths_deg: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video weight, multi-view weight) per view, float64 (V,): w_v (1 - s) and 1 - w_v + w_v s; they sum to 1."""
+    s = multiview_weight(schedule, step, steps)
+    shares = view_video_shares(azimuths_deg) if schedule.per_view else torch.ones(len(azimuths_deg), dtype=torch.float64)
+    return shares * (1.0 - s), 1.0 - shares + shares * s
+
+
+def step_of_sigma(sigmas: torch.Tensor, sigma: float) -> int:
+    """The step whose interval [sigmas[i + 1], sigmas[i]] holds sigma (0 = noisiest), for samplers that evaluate
+    between schedule points (Heun, DPM-2) or repeat a point (rollback)."""
+    points = sigmas[:-1].double().cpu()
+    at_or_above = (points >= sigma * (1.0 - 1e-5)).nonzero()
+    return int(at_or_above[-1]) if len(at_or_above) else 0
+
+
+def cfg_scales(first: float, last: float, count: int) -> torch.Tensor:
+    """Per-frame classifier-free guidance scales, linear from first to last (SVD's 1.5 -> 3.0; flat when equal)."""
+    return torch.linspace(first, last, count, dtype=torch.float64) if count > 1 else torch.tensor([first], dtype=torch.float64)
+
+
+def check_descending(sigmas: torch.Tensor) -> None:
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise InvalidInput("sigmas", f"expected at least 2 noise levels, got shape {tuple(sigmas.shape)}",
+                           "connect a scheduler's SIGMAS (e.g. KarrasScheduler) with at least 1 step")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise InvalidInput("sigmas", f"noise levels must strictly decrease, got {[round(float(s), 4) for s in sigmas[:8]]}...",
+                           "use a scheduler's SIGMAS unchanged (e.g. KarrasScheduler 700 -> 0.002) or flip them")
+
+
+# Grid layouts. Rows are contiguous in the view-major batch; columns are gathered into column-major order.
+
+def rows(grid: torch.Tensor, frames: int, first: int, end: int) -> torch.Tensor:
+    """Rows first..end-1 as one batch of (end - first) videos, (n * F, ...)."""
+    return grid[first * frames:end * frames]
+
+
+def columns(grid: torch.Tensor, frames: int, first: int, end: int) -> torch.Tensor:
+    """Columns first..end-1 as one batch of (end - first) multi-view sets, column-major (n * V, ...)."""
+    return rearrange(rearrange(grid, "(v f) ... -> f v ...", f=frames)[first:end], "f v ... -> (f v) ...")
+
+
+def columns_to_grid(column_batch: torch.Tensor, views: int) -> torch.Tensor:
+    """Inverse of `columns` over all columns: column-major (F * V, ...) back to view-major (V * F, ...)."""
+    return rearrange(column_batch, "(f v) ... -> (v f) ...", v=views)
+
+
+def chunks(total: int, per_chunk: int) -> list[tuple[int, int]]:
+    """[first, end) ranges of at most per_chunk items covering 0..total-1."""
+    per_chunk = max(1, min(per_chunk, total))
+    return [(first, min(first + per_chunk, total)) for first in range(0, total, per_chunk)]
+
+
+# The sampler.
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+@torch.no_grad()
+def sample_rollback_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                          callback: Callable[[dict], None] | None = None, disable: bool | None = None,
+                          rollback_steps: int = 10, noise_seed: int | None = None) -> torch.Tensor:
+    """EDM Euler (k-diffusion calling convention) with Diffusion²'s "rollback" on the first `rollback_steps` steps:
+    after the Euler step to sigma_{i+1}, add Gaussian noise of std |sigma_{i+1} - sigma_i| (back to about sigma_i)
+    and take the step again from there, a Langevin-like correction that lets the composed scores settle.
+
+    model(x, sigma * s_in, **extra_args) returns the denoised prediction. The rollback noise is drawn from a CPU
+    generator seeded with `noise_seed` (default: extra_args["seed"]), so a run is repeatable on any device.
+    """
+    extra_args = extra_args or {}
+    seed = noise_seed if noise_seed is not None else extra_args.get("seed", 0)
+    generator = torch.Generator().manual_seed(int(seed or 0) + 1)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, next_sigma = sigmas[i], sigmas[i + 1]
+        evaluations = 2 if i < rollback_steps else 1
+        for evaluation in range(evaluations):
+            denoised = model(x, sigma * s_in, **extra_args)
+            dt = next_sigma - sigma
+            x = x + (x - denoised) / sigma * dt
+            if evaluation < evaluations - 1:
+                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+                x = x + dt.abs() * noise
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+    return x

@@ -1,0 +1,348 @@
+"""Diffusion² stage 1 nodes: SV3D conditioning from our cameras, the grid conditioning of a video model (rows) and
+a multi-view model (columns), the composed guider, the rollback Euler sampler, and decoding the latent grid.
+
+The grid contract: a V-view x F-frame latent grid is a LATENT whose batch is view-major (index v * F + f) with
+{"views": V, "frames": F} under "mv4d_grid"; decoded, it is a MV4D_MULTIVIEW_VIDEO.
+"""
+
+from __future__ import annotations
+
+import comfy.model_base
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy_api.latest import io, ui
+
+from ..kernels.cameras import sv3d_angles
+from ..kernels.composition import SCHEDULES, CompositionSchedule, check_descending, sample_rollback_euler
+from ..kernels.multiview_video import MultiviewVideo, even_times, mosaic
+from . import host
+from .composed_guider import GUIDER, ComposedGuider, GridConditioning, GuiderSettings
+from .node_errors import input_error, kernel_errors_as_node_errors
+from .types import Cameras, GridConditioningSocket, MultiviewVideoSocket
+
+SV3D_CONDITIONING = "MV4D SV3D Conditioning"
+GRID_CONDITIONING = "MV4D Grid Conditioning"
+ROLLBACK_EULER = "MV4D Rollback Euler"
+DECODE_GRID = "MV4D Decode Grid"
+GRID_KEY = "mv4d_grid"
+LATENT_CHANNELS = 4  # SVD and SV3D share Stable Diffusion's 4-channel, 8x-downscaled latent space
+# ComfyUI's SV3D_p wraps azimuths with fmod(., 360), which would turn the reference view's 360 into 0; the official
+# model was conditioned with 2 pi there. The float32 just below 360 survives the fmod and embeds as 2 pi.
+REFERENCE_AZIMUTH = float(torch.tensor(360.0).nextafter(torch.tensor(0.0)))
+# Augmentation noise on the reference pixels (as core SVD conditioning adds) from a fixed seed: same inputs, same output.
+AUGMENTATION_SEED = 0
+SUPPORTED_PAIRS = ("video model: SVD or SVD-XT (ImageOnlyCheckpointLoader, class SVD_img2vid); "
+                   "multi-view model: SV3D_u or SV3D_p")
+
+
+def model_role(model) -> str | None:
+    """'video' for SVD / SVD-XT, 'multiview' for SV3D_u / SV3D_p, None for anything else."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, (comfy.model_base.SV3D_u, comfy.model_base.SV3D_p)):
+        return "multiview"
+    if type(inner) is comfy.model_base.SVD_img2vid:  # SV3D_u and SV3D_p subclass it: exact type only
+        return "video"
+    return None
+
+
+def check_model(node: str, input_name: str, model, role: str) -> None:
+    found = model_role(model)
+    if found == role:
+        return
+    if found is not None:
+        other = "multiview_model" if role == "video" else "video_model"
+        raise input_error(node, input_name, f"this is a {found} model ({type(model.model).__name__}), not a {role} model",
+                          f"swap the two model inputs: it belongs in '{other}'")
+    raise input_error(node, input_name, f"{type(getattr(model, 'model', model)).__name__} is not supported",
+                      f"supported pairs: {SUPPORTED_PAIRS}")
+
+
+def check_images(node: str, input_name: str, images: torch.Tensor, count: int | None, height: int, width: int) -> None:
+    if images.ndim != 4 or images.shape[-1] < 3:
+        raise input_error(node, input_name, f"expected an IMAGE batch, got shape {tuple(images.shape)}", "connect an IMAGE output")
+    if count is not None and images.shape[0] != count:
+        raise input_error(node, input_name, f"{images.shape[0]} images but the cameras have {count} views",
+                          f"give one image per camera ({count}), or a rig with {images.shape[0]} cameras")
+    if tuple(images.shape[1:3]) != (height, width):
+        raise input_error(node, input_name, f"images are {images.shape[2]}x{images.shape[1]} but the cameras are {width}x{height}",
+                          f"resize them to {width}x{height} (e.g. ImageScale) or set the cameras' width/height")
+
+
+def check_latent_size(node: str, height: int, width: int) -> None:
+    if height % 8 or width % 8:
+        raise input_error(node, "cameras", f"image size {width}x{height} is not a multiple of 8",
+                          "set the cameras' width and height to multiples of 8 (SVD/SV3D latents are 1/8 size)")
+
+
+def sv3d_lists(node: str, cameras) -> tuple[list[float], list[float]]:
+    """Elevations and azimuths of the rig in SV3D's official convention (input view last, at 360)."""
+    with kernel_errors_as_node_errors(node):
+        angles = sv3d_angles(cameras)
+    return angles.elevations_deg, [REFERENCE_AZIMUTH if a >= 360.0 else a for a in angles.azimuths_deg]
+
+
+def encode_references(clip_vision, vae, images: torch.Tensor, augmentation: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: CLIP image embedding (B, 1, D) and VAE latent of the (augmented) pixels (B, 4, h, w)."""
+    embeddings = clip_vision.encode_image(images[..., :3]).image_embeds.unsqueeze(1)
+    pixels = images[..., :3]
+    if augmentation > 0:
+        generator = torch.Generator().manual_seed(AUGMENTATION_SEED)
+        pixels = pixels + torch.randn(pixels.shape, generator=generator).to(pixels) * augmentation
+    return embeddings, vae.encode(pixels)
+
+
+def grid_latent(views: int, frames: int, height: int, width: int) -> dict:
+    return {"samples": torch.zeros(views * frames, LATENT_CHANNELS, height // 8, width // 8),
+            GRID_KEY: {"views": views, "frames": frames}}
+
+
+class SV3DConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MV4D_SV3DConditioning",
+            display_name=SV3D_CONDITIONING,
+            category="mv4d/composition",
+            description="SV3D conditioning from one image and an orbit rig, in the official SV3D convention: azimuths "
+                        "measured from the input view, which is the LAST view at 360 degrees (core SV3D_Conditioning "
+                        "puts azimuth 0 first). Sample it with any core sampler (CFG 2.5) to get the reference column.",
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="The SV3D checkpoint's CLIP vision (ImageOnlyCheckpointLoader)."),
+                io.Image.Input("init_image", tooltip="The input view; it is resized (centre crop) to the cameras' size."),
+                io.Vae.Input("vae", tooltip="The SV3D checkpoint's VAE."),
+                Cameras.Input("cameras", tooltip="The orbit, input view last (MV4D Orbit Cameras, order 'sv3d'; 21 views for SV3D)."),
+                io.Float.Input("augmentation_level", default=1e-5, min=0.0, max=10.0, step=1e-5,
+                               tooltip="Noise added to the conditioning image (official SV3D: 1e-5)."),
+            ],
+            outputs=[
+                io.Conditioning.Output("positive", tooltip="Per-view conditioning with elevations and azimuths."),
+                io.Conditioning.Output("negative", tooltip="The unconditional counterpart (zero image)."),
+                io.Latent.Output("latent", tooltip="An empty latent batch, one item per camera."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, init_image, vae, cameras, augmentation_level) -> io.NodeOutput:
+        check_latent_size(SV3D_CONDITIONING, cameras.height, cameras.width)
+        elevations, azimuths = sv3d_lists(SV3D_CONDITIONING, cameras)
+        image = comfy.utils.common_upscale(init_image[:1, ..., :3].movedim(-1, 1), cameras.width, cameras.height,
+                                           "bilinear", "center").movedim(1, -1)
+        embedding, latent = encode_references(clip_vision, vae, image, augmentation_level)
+        extra = {"elevation": elevations, "azimuth": azimuths, "augmentation_level": augmentation_level}
+        positive = [[embedding, {"concat_latent_image": latent, **extra}]]
+        negative = [[torch.zeros_like(embedding), {"concat_latent_image": torch.zeros_like(latent), **extra}]]
+        views = len(cameras)
+        return io.NodeOutput(positive, negative,
+                             {"samples": torch.zeros(views, LATENT_CHANNELS, cameras.height // 8, cameras.width // 8)})
+
+
+class GridConditioningNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MV4D_GridConditioning",
+            display_name=GRID_CONDITIONING,
+            category="mv4d/composition",
+            description="Conditioning of a views x frames grid: row v (a video) on reference view v, column f (a "
+                        "multi-view set) on reference frame f, as in Diffusion². The reference views come from SV3D "
+                        "(or a given multi-view set), the reference frames from SVD (or a given video). Also gives "
+                        "the empty grid latent (view-major).",
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="CLIP vision of the video model (SVD and SV3D share the same image encoder)."),
+                io.Vae.Input("vae", tooltip="The VAE (SVD and SV3D share Stable Diffusion's latent space)."),
+                Cameras.Input("cameras", tooltip="One camera per view, input view last (SV3D order)."),
+                io.Image.Input("reference_views", tooltip="One image per view (the reference column), in camera order."),
+                io.Image.Input("reference_frames", tooltip="One image per frame (the reference row): the video at the input view."),
+                io.Int.Input("fps", default=6, min=1, max=1024, tooltip="SVD frame-rate conditioning."),
+                io.Int.Input("motion_bucket_id", default=127, min=1, max=1023, tooltip="SVD motion conditioning (higher: more motion)."),
+                io.Float.Input("video_augmentation", default=0.02, min=0.0, max=10.0, step=0.001,
+                               tooltip="Noise added to the video model's reference images (official: 0.02)."),
+                io.Float.Input("multiview_augmentation", default=1e-5, min=0.0, max=10.0, step=1e-5,
+                               tooltip="Noise added to the multi-view model's reference images (official: 1e-5)."),
+                io.ClipVision.Input("multiview_clip_vision", optional=True,
+                                    tooltip="CLIP vision for the multi-view model, if it should differ from clip_vision."),
+            ],
+            outputs=[
+                GridConditioningSocket.Output("grid_conditioning", tooltip="Per-row and per-column conditioning for MV4D Composed Guider."),
+                io.Latent.Output("grid_latent", tooltip="Empty views x frames latent, view-major, for SamplerCustomAdvanced."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, vae, cameras, reference_views, reference_frames, fps, motion_bucket_id,
+                video_augmentation, multiview_augmentation, multiview_clip_vision=None) -> io.NodeOutput:
+        node = GRID_CONDITIONING
+        height, width = cameras.height, cameras.width
+        check_latent_size(node, height, width)
+        check_images(node, "reference_views", reference_views, len(cameras), height, width)
+        check_images(node, "reference_frames", reference_frames, None, height, width)
+        views, frames = len(cameras), reference_frames.shape[0]
+        elevations, azimuths = sv3d_lists(node, cameras)
+
+        view_embeddings, view_latents = encode_references(clip_vision, vae, reference_views, video_augmentation)
+        frame_embeddings, frame_latents = encode_references(multiview_clip_vision or clip_vision, vae, reference_frames,
+                                                            multiview_augmentation)
+        # video model, view-major: every frame of row v carries reference view v
+        video_extra = {"fps": fps, "motion_bucket_id": motion_bucket_id, "augmentation_level": video_augmentation}
+        row_embeddings = view_embeddings.repeat_interleave(frames, 0)
+        row_latents = view_latents.repeat_interleave(frames, 0)
+        # multi-view model, column-major: every view of column f carries reference frame f; per-view angles tiled
+        multiview_extra = {"elevation": elevations * frames, "azimuth": azimuths * frames,
+                           "augmentation_level": multiview_augmentation}
+        column_embeddings = frame_embeddings.repeat_interleave(views, 0)
+        column_latents = frame_latents.repeat_interleave(views, 0)
+        conditioning = GridConditioning(
+            views=views, frames=frames, latent_height=height // 8, latent_width=width // 8,
+            azimuths=azimuths, elevations=elevations,
+            video_positive=[[row_embeddings, {"concat_latent_image": row_latents, **video_extra}]],
+            video_negative=[[torch.zeros_like(row_embeddings), {"concat_latent_image": torch.zeros_like(row_latents), **video_extra}]],
+            multiview_positive=[[column_embeddings, {"concat_latent_image": column_latents, **multiview_extra}]],
+            multiview_negative=[[torch.zeros_like(column_embeddings),
+                                 {"concat_latent_image": torch.zeros_like(column_latents), **multiview_extra}]],
+        )
+        return io.NodeOutput(conditioning, grid_latent(views, frames, height, width))
+
+
+class ComposedGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MV4D_ComposedGuider",
+            display_name=GUIDER,
+            category="mv4d/composition",
+            description="Diffusion² score composition as a GUIDER for SamplerCustomAdvanced: each step denoises every "
+                        "row of the grid with the video model and every column with the multi-view model (each with "
+                        "its own CFG) and mixes them per cell: (1 - s) video + s multi-view, s from the schedule. "
+                        f"Supported: {SUPPORTED_PAIRS}. Connect the models straight from the loader (no CFG patches: "
+                        "the per-frame CFG is done here).",
+            inputs=[
+                io.Model.Input("video_model", tooltip="SVD or SVD-XT."),
+                io.Model.Input("multiview_model", tooltip="SV3D_p or SV3D_u."),
+                GridConditioningSocket.Input("grid_conditioning", tooltip="From MV4D Grid Conditioning."),
+                io.Float.Input("video_cfg_first", default=1.5, min=0.0, max=100.0, step=0.1, tooltip="Video CFG at the first frame (official SVD: 1.5)."),
+                io.Float.Input("video_cfg_last", default=3.0, min=0.0, max=100.0, step=0.1, tooltip="Video CFG at the last frame, linear in between (official: 3.0)."),
+                io.Float.Input("multiview_cfg_first", default=2.5, min=0.0, max=100.0, step=0.1, tooltip="Multi-view CFG at the first view (official SV3D: 2.5 flat)."),
+                io.Float.Input("multiview_cfg_last", default=2.5, min=0.0, max=100.0, step=0.1, tooltip="Multi-view CFG at the last view, linear in between."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="constant",
+                               tooltip="Multi-view weight s over the steps. constant: s = multiview_weight (official code). "
+                                       "linear: weight_start -> weight_end. logistic: weight_start -> weight_end along "
+                                       "1 - 1/(1 + exp(-k (x - center))) (paper: k 20, center 0.5)."),
+                io.Float.Input("multiview_weight", default=0.6, min=0.0, max=1.0, step=0.01, tooltip="s of the constant schedule (official: 0.6)."),
+                io.Float.Input("weight_start", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="s at the noisiest step (linear, logistic)."),
+                io.Float.Input("weight_end", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="s at the last step (linear, logistic)."),
+                io.Float.Input("logistic_k", default=15.0, min=0.0, max=200.0, step=0.5, tooltip="Steepness k of the logistic schedule (official code 15, paper 20)."),
+                io.Float.Input("logistic_center", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Centre s0 of the logistic schedule, as a fraction of the steps."),
+                io.Boolean.Input("per_view_weights", default=True,
+                                 tooltip="Official per-view modulation: side views lean on the multi-view model, front/back views keep the schedule."),
+                io.Int.Input("videos_per_call", default=0, min=0, max=4096, tooltip="Rows per video-model call; 0 = as many as fit in free memory."),
+                io.Int.Input("multiview_sets_per_call", default=0, min=0, max=4096, tooltip="Columns per multi-view-model call; 0 = as many as fit."),
+            ],
+            outputs=[io.Guider.Output("guider", tooltip="For SamplerCustomAdvanced, with the grid latent of MV4D Grid Conditioning.")],
+        )
+
+    @classmethod
+    def execute(cls, video_model, multiview_model, grid_conditioning, video_cfg_first, video_cfg_last,
+                multiview_cfg_first, multiview_cfg_last, schedule, multiview_weight, weight_start, weight_end,
+                logistic_k, logistic_center, per_view_weights, videos_per_call, multiview_sets_per_call) -> io.NodeOutput:
+        check_model(GUIDER, "video_model", video_model, "video")
+        check_model(GUIDER, "multiview_model", multiview_model, "multiview")
+        for name, model in (("video_model", video_model), ("multiview_model", multiview_model)):
+            if "sampler_cfg_function" in model.model_options:
+                raise input_error(GUIDER, name, "the model carries a CFG patch (e.g. VideoLinearCFGGuidance)",
+                                  "connect the model straight from its loader: this guider applies per-frame CFG itself")
+        with kernel_errors_as_node_errors(GUIDER, {"weight": "multiview_weight", "start": "weight_start", "end": "weight_end"}):
+            composition = CompositionSchedule(schedule, multiview_weight, weight_start, weight_end, logistic_k,
+                                              logistic_center, per_view_weights)
+        settings = GuiderSettings(composition, (video_cfg_first, video_cfg_last), (multiview_cfg_first, multiview_cfg_last),
+                                  videos_per_call, multiview_sets_per_call)
+        return io.NodeOutput(ComposedGuider(video_model, multiview_model, grid_conditioning, settings))
+
+
+def rollback_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, rollback_steps=10):
+    with kernel_errors_as_node_errors(f"SamplerCustomAdvanced with {ROLLBACK_EULER}"):
+        check_descending(sigmas)
+    return sample_rollback_euler(model, x, sigmas, extra_args, callback, disable, rollback_steps)
+
+
+class RollbackEuler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MV4D_RollbackEuler",
+            display_name=ROLLBACK_EULER,
+            category="mv4d/composition",
+            description="EDM Euler with Diffusion²'s rollback: on the first steps, after each Euler step the latent is "
+                        "re-noised by the step size and the step is taken again (official: 10 of 50 steps, 60 "
+                        "evaluations). Works with any scheduler's sigmas (official: Karras 700 -> 0.002, rho 7).",
+            inputs=[io.Int.Input("rollback_steps", default=10, min=0, max=10000, tooltip="Steps that are taken twice (0 = plain Euler).")],
+            outputs=[io.Sampler.Output("sampler", tooltip="For SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, rollback_steps) -> io.NodeOutput:
+        return io.NodeOutput(comfy.samplers.KSAMPLER(rollback_euler, extra_options={"rollback_steps": rollback_steps}))
+
+
+def has_temporal_decoder(vae) -> bool:
+    from comfy.ldm.modules.temporal_ae import VideoDecoder
+
+    return isinstance(getattr(getattr(vae, "first_stage_model", None), "decoder", None), VideoDecoder)
+
+
+class DecodeGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MV4D_DecodeGrid",
+            display_name=DECODE_GRID,
+            category="mv4d/composition",
+            description="Decodes a views x frames latent grid into a multi-view video. Each row is decoded as a video "
+                        "(SVD's temporal decoder mixes frames of one view only), a chunk of frames at a time. Shows "
+                        "an animated mosaic of all views.",
+            is_output_node=True,
+            inputs=[
+                io.Vae.Input("vae", tooltip="SVD's VAE (temporal decoder) or any SD-latent VAE."),
+                io.Latent.Input("grid_latent", tooltip="The sampled grid, view-major (SamplerCustomAdvanced output)."),
+                Cameras.Input("cameras", tooltip="The grid's cameras, one per view."),
+                io.Int.Input("frames_per_decode", default=0, min=0, max=4096,
+                             tooltip="Frames decoded together (temporal decoder); 0 = a whole row. Lower it if VRAM runs out."),
+                io.Float.Input("preview_fps", default=8.0, min=1.0, max=60.0, step=1.0, tooltip="Frame rate of the animated preview."),
+            ],
+            outputs=[
+                MultiviewVideoSocket.Output("multiview_video", tooltip="The decoded views x frames with their cameras."),
+                io.Image.Output("mosaic", tooltip="One image per frame with every view tiled (for core video/image nodes)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, vae, grid_latent, cameras, frames_per_decode, preview_fps) -> io.NodeOutput:
+        node = DECODE_GRID
+        samples = grid_latent["samples"]
+        views = len(cameras)
+        if samples.ndim != 4 or samples.shape[0] % views:
+            raise input_error(node, "grid_latent", f"a latent batch of {samples.shape[0]} does not split into {views} views",
+                              "connect the grid sampled from MV4D Grid Conditioning's latent with the same cameras")
+        frames = samples.shape[0] // views
+        recorded = grid_latent.get(GRID_KEY)
+        if recorded is not None and (recorded["views"], recorded["frames"]) != (views, frames):
+            raise input_error(node, "grid_latent", f"the latent is a {recorded['views']} x {recorded['frames']} grid "
+                              f"but the cameras have {views} views", "connect the cameras the grid was conditioned on")
+        if has_temporal_decoder(vae):  # decode row by row: a temporal decoder must not mix views
+            on_step = host.progress()
+            decoded = []
+            for row in samples.split(frames):
+                decoded += [vae.decode(part) for part in row.split(frames_per_decode or frames)]
+                on_step(len(decoded), views * -(-frames // (frames_per_decode or frames)))
+        else:  # frames are decoded independently; ComfyUI batches them to free memory
+            decoded = [vae.decode(samples)]
+        images = torch.cat(decoded).reshape(views, frames, *decoded[0].shape[-3:])[..., :3].float().clamp(0, 1)
+        if tuple(images.shape[2:4]) != (cameras.height, cameras.width):
+            raise input_error(node, "cameras", f"the decoded images are {images.shape[3]}x{images.shape[2]} but the "
+                              f"cameras are {cameras.width}x{cameras.height}", "use the cameras the grid was conditioned on")
+        with kernel_errors_as_node_errors(node):
+            video = MultiviewVideo(images.cpu(), cameras, even_times(frames))
+        tiles = mosaic(video.images)
+        preview = ui.ImageSaveHelper.save_animated_webp(tiles, "mv4d_grid", io.FolderType.temp, cls, preview_fps, False, 85, 4)
+        return io.NodeOutput(video, tiles, ui=ui.SavedImages([preview], is_animated=len(tiles) > 1))
+
