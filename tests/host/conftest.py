@@ -93,6 +93,15 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def write_input_image(path: Path) -> None:
+    import numpy as np
+    from PIL import Image  # a ComfyUI requirement
+
+    y, x = np.mgrid[0:64, 0:64]
+    pixels = np.stack([x * 4, y * 4, ((x // 8 + y // 8) % 2) * 255], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -107,8 +116,11 @@ def comfy_server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_server")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "mv4d").symlink_to(ROOT, target_is_directory=True)
+    # test-only: tiny SVD / SV3D checkpoints in place of real ones (see tiny_model_nodes/__init__.py)
+    (base / "custom_nodes" / "mv4d_test_models").symlink_to(Path(__file__).parent / "tiny_model_nodes", target_is_directory=True)
     for name in ("input", "output", "temp", "user"):
         (base / name).mkdir()
+    write_input_image(base / "input" / "mv4d_input.png")  # the image our workflows load
     paths = base / "extra_model_paths.yaml"
     paths.write_text(f"mv4d_tests:\n  base_path: {base}\n  custom_nodes: custom_nodes\n")
     port = _free_port()
@@ -117,7 +129,7 @@ def comfy_server(tmp_path_factory):
         "--extra-model-paths-config", str(paths), "--input-directory", str(base / "input"),
         "--output-directory", str(base / "output"), "--temp-directory", str(base / "temp"),
         "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:",
-        "--disable-all-custom-nodes", "--whitelist-custom-nodes", "mv4d", "--disable-auto-launch",
+        "--disable-all-custom-nodes", "--whitelist-custom-nodes", "mv4d", "mv4d_test_models", "--disable-auto-launch",
     ]
     log = base / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mv4d_host_helpers import WORKFLOWS, execution_error, get_json, load_api_workflow, post_prompt, run_prompt, view, wait_for_history
+from mv4d_host_helpers import (WORKFLOWS, execution_error, get_json, load_api_workflow, on_tiny_models, post_prompt, run_prompt,
+                               view, wait_for_history, wait_until_node_progresses)
 from test_host_nodes import EXPECTED_NODES, POSE_LINE
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -25,7 +26,7 @@ MAGIC = {".ply": b"ply\n", ".splatv": bytes([0x4B, 0x67, 0, 0]), ".safetensors":
 
 @pytest.mark.parametrize("workflow", sorted(path.name for path in (WORKFLOWS / "api").glob("*.json")))
 def test_every_shipped_api_workflow_runs(comfy_server, workflow):
-    entry = run_prompt(comfy_server.url, load_api_workflow(workflow))
+    entry = run_prompt(comfy_server.url, on_tiny_models(load_api_workflow(workflow)))
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     images = [item for output in entry["outputs"].values() for item in output.get("images", [])]
     assert images, entry["outputs"]
@@ -161,3 +162,25 @@ def test_interrupting_a_fit_through_the_server_stops_it_and_saves_nothing(comfy_
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in kinds
     assert not list(comfy_server.output_dir.glob("mv4d_tests/interrupted*"))
+
+
+def test_interrupting_composed_sampling_through_the_server_stops_it_and_saves_nothing(comfy_server):
+    import urllib.request
+    import uuid
+
+    prompt = on_tiny_models(load_api_workflow("image_to_multiview_video.json"))
+    sampler = next(key for key, node in prompt.items() if node["class_type"] == "SamplerCustomAdvanced")
+    scheduler = next(node for node in prompt.values() if node["class_type"] == "KarrasScheduler")
+    scheduler["inputs"]["steps"] = 5000  # far longer than the test: it can only end by the interrupt
+    save = next(node for node in prompt.values() if node["class_type"] == "SaveAnimatedWEBP")
+    save["inputs"]["filename_prefix"] = "mv4d_tests/interrupted_grid"
+    client_id = str(uuid.uuid4())
+    status, answer = post_prompt(comfy_server.url, prompt, client_id)
+    assert status == 200, answer
+    wait_until_node_progresses(comfy_server.url, client_id, sampler)  # composed sampling is under way
+    urllib.request.urlopen(urllib.request.Request(comfy_server.url + "/interrupt", data=b"{}", method="POST"), timeout=10)
+    entry = wait_for_history(comfy_server.url, answer["prompt_id"], timeout=120)
+    interrupted = [data for kind, data in entry["status"]["messages"] if kind == "execution_interrupted"]
+    assert entry["status"]["status_str"] == "error" and interrupted
+    assert interrupted[0]["node_type"] == "SamplerCustomAdvanced"
+    assert not list(comfy_server.output_dir.glob("mv4d_tests/interrupted_grid*"))
