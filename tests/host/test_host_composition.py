@@ -76,8 +76,11 @@ def sample(guider, noise, latent, sampler=None, sigmas=None):
 
     sampler = sampler or comfy.samplers.sampler_object("euler")
     sigmas = karras_sigmas() if sigmas is None else sigmas
-    return run_node(SamplerCustomAdvanced, noise=FixedNoise(noise), guider=guider, sampler=sampler, sigmas=sigmas,
-                    latent_image=latent).result[0]["samples"]
+    inputs = dict(noise=FixedNoise(noise), guider=guider, sampler=sampler, sigmas=sigmas, latent_image=latent)
+    if hasattr(SamplerCustomAdvanced, "VALIDATE_CLASS"):  # a V3 node (ComfyUI 0.3.6x+ moved it over)
+        return run_node(SamplerCustomAdvanced, **inputs).result[0]["samples"]
+    with torch.inference_mode():
+        return SamplerCustomAdvanced().sample(**inputs)[0]["samples"]
 
 
 def grid_noise(seed=3):
