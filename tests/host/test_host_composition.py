@@ -151,6 +151,45 @@ def test_chunk_sizes_do_not_change_the_grid(mv4d_nodes, models, cameras, referen
     assert grids[1].abs().max() > 0.1  # something was sampled
 
 
+def test_models_are_loaded_for_one_video_not_the_whole_grid(mv4d_nodes, models, cameras, references, monkeypatch):
+    """ComfyUI sizes a model load for the whole latent batch; the guider runs a chunk at a time, so it asks for
+    the memory of one video (at real size the whole grid would force a needless low-VRAM partial load)."""
+    import comfy.sampler_helpers
+
+    seen = []
+    original = comfy.sampler_helpers.estimate_memory
+    monkeypatch.setattr(comfy.sampler_helpers, "estimate_memory",
+                        lambda model, noise_shape, *args, **kwargs: seen.append(tuple(noise_shape)) or original(model, noise_shape, *args, **kwargs))
+    conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
+    sample(composed_guider(mv4d_nodes, models, conditioning), grid_noise(), latent, sigmas=karras_sigmas(1))
+    assert seen == [(FRAMES, 4, SIZE // 8, SIZE // 8)]
+
+
+def test_automatic_chunks_follow_free_memory(mv4d_nodes, models, cameras, references, monkeypatch):
+    import comfy.model_management
+    import comfy.samplers
+
+    conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
+    svd_model, sv3d_model = models["svd"][0].model, models["sv3d_p"][0].model
+    # room for 2 videos (cond + uncond) and 3 multi-view sets (cond + uncond) per call, with ComfyUI's 1.5 margin
+    room = min(svd_model.memory_required([2 * 2 * FRAMES, 4, SIZE // 8, SIZE // 8]) * 1.5 * 1.01,
+               sv3d_model.memory_required([2 * 3 * VIEWS, 4, SIZE // 8, SIZE // 8]) * 1.5 * 1.01)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory",
+                        lambda device=None, torch_free_too=False: (room, room) if torch_free_too else room)
+    batches = []
+    original = comfy.samplers.calc_cond_batch
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch",
+                        lambda model, conds, x, *args: batches.append((type(model).__name__, x.shape[0])) or original(model, conds, x, *args))
+    guider = composed_guider(mv4d_nodes, models, conditioning)
+    with torch.inference_mode():
+        guider.sample(grid_noise(), latent["samples"], comfy.samplers.sampler_object("euler"), karras_sigmas(1), disable_pbar=True)
+    video_batches = [size for name, size in batches if name == "SVD_img2vid"]
+    multiview_batches = [size for name, size in batches if name == "SV3D_p"]
+    assert max(video_batches) <= 2 * FRAMES and sum(video_batches) == VIEWS * FRAMES
+    assert max(multiview_batches) <= 3 * VIEWS and sum(multiview_batches) == VIEWS * FRAMES
+    assert min(video_batches) < VIEWS * FRAMES  # it did split
+
+
 def test_schedule_values_at_each_step_follow_the_formula(mv4d_nodes, models, cameras, references):
     conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
     steps, k, center = 6, 20.0, 0.5
