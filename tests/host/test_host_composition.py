@@ -8,6 +8,7 @@ azimuths follow the official convention; bad input is refused with a message nam
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -83,6 +84,27 @@ def sample(guider, noise, latent, sampler=None, sigmas=None):
         return SamplerCustomAdvanced().sample(**inputs)[0]["samples"]
 
 
+@contextmanager
+def spy_on_unet_calls():
+    """Records (model class, batch, both models loaded by ComfyUI's model management?) for every UNet batch."""
+    import comfy.model_management
+    import comfy.samplers
+
+    calls = []
+    original = comfy.samplers.calc_cond_batch
+
+    def spy(model, conds, x, *args, **kwargs):
+        loaded = {id(entry.model.model) for entry in comfy.model_management.current_loaded_models if entry.model is not None}
+        calls.append((type(model).__name__, x.shape[0], loaded))
+        return original(model, conds, x, *args, **kwargs)
+
+    comfy.samplers.calc_cond_batch = spy
+    try:
+        yield calls
+    finally:
+        comfy.samplers.calc_cond_batch = original
+
+
 def grid_noise(seed=3):
     return torch.randn(VIEWS * FRAMES, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(seed))
 
@@ -94,8 +116,10 @@ def test_multiview_weight_zero_gives_plain_video_sampling_row_by_row(mv4d_nodes,
     conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
     guider = composed_guider(mv4d_nodes, models, conditioning, schedule="constant", multiview_weight=0.0, per_view_weights=False)
     noise = grid_noise()
-    grid = sample(guider, noise, latent)
+    with spy_on_unet_calls() as calls:
+        grid = sample(guider, noise, latent)
     assert all(s == 0.0 for _, _, s in guider.weights_log)
+    assert {name for name, _, _ in calls} == {"SVD_img2vid"}  # the multi-view model, weight 0, never ran
 
     svd, clip_vision, vae = models["svd"]
     linear_cfg_model = VideoLinearCFGGuidance().patch(svd, 1.5)[0]  # core's per-frame linear CFG, 1.5 -> cfg
@@ -118,7 +142,9 @@ def test_multiview_weight_one_gives_plain_multiview_sampling_column_by_column(mv
     conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
     guider = composed_guider(mv4d_nodes, models, conditioning, schedule="constant", multiview_weight=1.0, per_view_weights=False)
     noise = grid_noise(4)
-    grid = sample(guider, noise, latent).reshape(VIEWS, FRAMES, 4, SIZE // 8, SIZE // 8)
+    with spy_on_unet_calls() as calls:
+        grid = sample(guider, noise, latent).reshape(VIEWS, FRAMES, 4, SIZE // 8, SIZE // 8)
+    assert {name for name, _, _ in calls} == {"SV3D_p"}
 
     sv3d, clip_vision, vae = models["sv3d_p"]
     _, svd_clip_vision, svd_vae = models["svd"]  # the grid conditioning above encoded with these
@@ -143,7 +169,13 @@ def test_chunk_sizes_do_not_change_the_grid(mv4d_nodes, models, cameras, referen
     grids = {}
     for per_call in (1, 2, 0, 4096):  # one video/set per call, two, as many as fit, all
         guider = composed_guider(mv4d_nodes, models, conditioning, videos_per_call=per_call, multiview_sets_per_call=per_call)
-        grids[per_call] = sample(guider, noise, latent)
+        with spy_on_unet_calls() as calls:
+            grids[per_call] = sample(guider, noise, latent)
+        sizes = {name: sorted({batch for other, batch, _ in calls if other == name}) for name in ("SVD_img2vid", "SV3D_p")}
+        expected = min(per_call or 4096, VIEWS) * FRAMES, min(per_call or 4096, FRAMES) * VIEWS
+        assert max(sizes["SVD_img2vid"]) == expected[0] and max(sizes["SV3D_p"]) == expected[1], sizes
+        both = {id(models["svd"][0].model), id(models["sv3d_p"][0].model)}
+        assert all(both <= loaded for _, _, loaded in calls)  # model management holds both while sampling
     for per_call, grid in grids.items():
         difference = (grid - grids[1]).abs().max().item()
         print(f"{per_call} per call vs 1: {difference:.2e}")
