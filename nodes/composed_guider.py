@@ -119,11 +119,15 @@ class ComposedGuider(comfy.samplers.CFGGuider):
             self.multiview_conds = comfy.samplers.process_conds(self.multiview_inner, column_noise, conds, device, None, None, seed)
             self.multiview_options = comfy.model_patcher.create_model_options_clone(self.multiview_patcher.model_options)
             self.multiview_options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+            # the multi-view model's own wrappers, callbacks and hooks (e.g. core TorchCompileModel) apply as they
+            # would if it were sampled on its own
+            comfy.sampler_helpers.prepare_model_patcher(self.multiview_patcher, self.multiview_conds, self.multiview_options)
             self.sample_sigmas = sigmas
             self.weights_log = []
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, *args, **kwargs)
         finally:
             self.multiview_patcher.cleanup()
+            self.multiview_patcher.restore_hook_patches()
             self.multiview_conds = self.multiview_inner = None
 
     def predict_noise(self, x, timestep, model_options=None, seed=None):

@@ -20,20 +20,31 @@ KINDS = ("svd", "sv3d_u", "sv3d_p")
 
 
 def init_weights(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI builds layers without initialising them (disable_weight_init): give every tensor a sane value."""
-    generator = torch.Generator().manual_seed(seed)
+    """ComfyUI builds layers without initialising them (disable_weight_init): give every tensor a sane value.
+    Drawn on the parameters' own device, so a real-size model initialises quickly on a GPU."""
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, parameter in module.named_parameters():
+            generator = generators.setdefault(parameter.device, torch.Generator(device=parameter.device).manual_seed(seed))
             if parameter.ndim >= 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter[0].numel() ** 0.5)
+                parameter.normal_(0.0, 1.0 / parameter[0].numel() ** 0.5, generator=generator)
             elif "norm" in name and name.endswith("weight"):
                 parameter.fill_(1.0)
             else:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+                parameter.normal_(0.0, 0.02, generator=generator)
 
 
-def tiny_unet(kind: str, seed: int = 0):
-    """A ModelPatcher of a 2-level, 32-channel SVD / SV3D UNet with temporal layers, like the real one."""
+# ComfyUI's model detection reads these from an SVD / SV3D checkpoint (model_detection.detect_unet_config)
+REAL_SIZE = dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                 transformer_depth_middle=1, context_dim=1024, num_head_channels=64)
+TINY_SIZE = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+                 transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=CONTEXT_DIM, num_head_channels=16)
+
+
+def tiny_unet(kind: str, seed: int = 0, size: dict = TINY_SIZE, dtype: torch.dtype | None = None):
+    """A ModelPatcher of an SVD / SV3D UNet with temporal layers: 2 levels of 32 channels by default, or the real
+    architecture with size=REAL_SIZE (random weights: for benchmarks, compute does not depend on the values)."""
     import comfy.model_management as model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -41,18 +52,20 @@ def tiny_unet(kind: str, seed: int = 0):
     config_class = {"svd": comfy.supported_models.SVD_img2vid, "sv3d_u": comfy.supported_models.SV3D_u,
                     "sv3d_p": comfy.supported_models.SV3D_p}[kind]
     unet_config = dict(config_class.unet_config)
-    unet_config.update(  # what ComfyUI's model detection sets for SVD-family checkpoints, scaled down
-        model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
-        transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=CONTEXT_DIM, image_size=32,
-        out_channels=4, use_spatial_transformer=True, extra_ff_mix_layer=True, use_spatial_context=True,
+    unet_config.update(size)
+    unet_config.update(  # what ComfyUI's model detection sets for every SVD-family checkpoint
+        image_size=32, out_channels=4, use_spatial_transformer=True, extra_ff_mix_layer=True, use_spatial_context=True,
         merge_strategy="learned_with_images", merge_factor=0.0, video_kernel_size=[3, 1, 1],
         disable_temporal_crossattention=False, max_ddpm_temb_period=10000, num_classes="sequential",
     )
     config = config_class(unet_config)
-    config.unet_config["num_head_channels"] = 16
-    model = config.get_model({})
+    config.unet_config["num_head_channels"] = size["num_head_channels"]
+    if dtype is not None:
+        config.set_inference_dtype(dtype, None)
+    load_device = model_management.get_torch_device()
+    model = config.get_model({}, device=load_device if load_device.type == "cuda" else None)
     init_weights(model, seed)
-    return comfy.model_patcher.ModelPatcher(model, model_management.get_torch_device(), model_management.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device, model_management.unet_offload_device())
 
 
 def tiny_clip_vision(seed: int = 100):
@@ -89,3 +102,20 @@ def tiny_checkpoint(kind: str):
     """(MODEL, CLIP_VISION, VAE) as ImageOnlyCheckpointLoader gives them for an SVD / SV3D checkpoint."""
     seed = KINDS.index(kind)
     return tiny_unet(kind, seed), tiny_clip_vision(100 + seed), tiny_vae(200 + seed)
+
+
+def composed_guider_module():
+    """mv4d.nodes.composed_guider, also where ComfyUI's API layer (comfy_api: PyAV, ...) cannot be imported, as
+    on a bare GPU machine: then the nodes package is entered without its registry (nodes/__init__.py)."""
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    try:
+        return importlib.import_module("mv4d.nodes.composed_guider")
+    except ImportError:
+        package = types.ModuleType("mv4d.nodes")
+        package.__path__ = [str(Path(__file__).resolve().parents[2] / "nodes")]
+        sys.modules["mv4d.nodes"] = package
+        return importlib.import_module("mv4d.nodes.composed_guider")

@@ -1,0 +1,244 @@
+"""One joint Diffusion² composition step at the paper setting, through our actual guider inside ComfyUI.
+
+Real-size SVD-XT and SV3D_p UNets are built from ComfyUI's own classes with the real configurations (1.52 B
+parameters each; random weights: compute does not depend on the values), in bf16. A 21-view x 25-frame grid of
+576 px (72 x 72 latents) with CFG on both models is denoised once by:
+  - "fast": MV4D Composed Guider with automatic chunks (as many videos / multi-view sets per UNet call as fit);
+  - "plain": the same guider with one video / one multi-view set per call (the per-row / per-column reference).
+Reports seconds per step, UNet FLOPs (torch's flop counter), achieved TFLOP/s, the share of the step outside the
+UNets (CUDA events around every UNet forward), peak VRAM, and the projected image -> 4D time. One JSON line.
+
+    python -P bench/composition_step.py                        # paper setting, CUDA
+    python -P bench/composition_step.py --memory-cap-gib 24    # as on a 24 GB card (another process holds the rest)
+    OMP_NUM_THREADS=1 python -P bench/composition_step.py --tiny --views 3 --frames 4 --size 64   # CPU smoke run
+
+Needs a ComfyUI source tree at $COMFYUI_DIR or ~/ComfyUI (its Python requirements installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# decoding and the 4D fit at the paper setting, measured separately (bench/RESULTS.md), for the projection
+FIT_SECONDS_H200 = 27.6
+
+
+def import_host(cpu: bool):
+    host = Path(os.environ.get("COMFYUI_DIR", Path.home() / "ComfyUI"))
+    if not (host / "comfy").is_dir():
+        sys.exit(f"no ComfyUI at {host}: set COMFYUI_DIR")
+    sys.path.insert(0, str(host))
+    sys.path.insert(1, str(ROOT / "tests" / "host"))  # the SVD-family model builder the tests use
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
+    if "mv4d" not in sys.modules:  # the repository root is the package mv4d
+        spec = importlib.util.spec_from_file_location("mv4d", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        sys.modules["mv4d"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["mv4d"])
+    from mv4d_tiny_models import composed_guider_module
+
+    return composed_guider_module()
+
+
+def hold_gpu_memory_except(cap_gib: float) -> subprocess.Popen | None:
+    """Another process takes all but cap_gib of the GPU, so ComfyUI sees (and can use) what a smaller card has."""
+    free, total = torch.cuda.mem_get_info()
+    ballast = free - int(cap_gib * 2**30)
+    if ballast <= 0:
+        return None
+    # it holds the memory until its stdin closes, i.e. until this process ends, however it ends
+    code = ("import torch, sys; x = torch.empty(%d, dtype=torch.uint8, device='cuda'); "
+            "print('held', flush=True); sys.stdin.read()" % ballast)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def grid_conditioning(views: int, frames: int, latent: int, context_dim: int, device):
+    from mv4d.nodes.composed_guider import GridConditioning  # loaded by import_host
+
+    generator = torch.Generator().manual_seed(0)
+
+    def cond(count, extra):
+        embeddings = torch.randn(count, 1, context_dim, generator=generator)
+        latents = torch.randn(count, 4, latent, latent, generator=generator)
+        return ([[embeddings, {"concat_latent_image": latents, **extra}]],
+                [[torch.zeros_like(embeddings), {"concat_latent_image": torch.zeros_like(latents), **extra}]])
+
+    azimuths = [360.0 * (v + 1) / views for v in range(views)]
+    video = cond(views * frames, {"fps": 6, "motion_bucket_id": 127, "augmentation_level": 0.02})
+    multiview = cond(views * frames, {"elevation": [10.0] * views * frames, "azimuth": azimuths * frames, "augmentation_level": 1e-5})
+    return GridConditioning(views, frames, latent, latent, azimuths, [10.0] * views, video[0], video[1], multiview[0], multiview[1])
+
+
+class UNetTimer:
+    """CUDA events around every UNet forward of the given models (no host sync inside the step)."""
+
+    def __init__(self, models):
+        self.pairs = []
+        for model in models:
+            unet = model.model.diffusion_model
+            original = unet.forward
+
+            def timed(*args, _original=original, **kwargs):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = _original(*args, **kwargs)
+                end.record()
+                self.pairs.append((start, end))
+                return out
+
+            unet.forward = timed
+
+    def take_seconds(self) -> float:
+        torch.cuda.synchronize()
+        seconds = sum(start.elapsed_time(end) for start, end in self.pairs) / 1000
+        self.pairs.clear()
+        return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--views", type=int, default=21)
+    parser.add_argument("--frames", type=int, default=25)
+    parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain")
+    parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
+    parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both UNets as core TorchCompileModel does (inductor; the first step compiles)")
+    parser.add_argument("--per-call", default="0,0",
+                        help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one fast step (torch.profiler)")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    holder = hold_gpu_memory_except(args.memory_cap_gib) if cuda and args.memory_cap_gib else None
+    if cuda and args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+    guider_module = import_host(cpu=not cuda)
+    ComposedGuider, GuiderSettings = guider_module.ComposedGuider, guider_module.GuiderSettings
+    import comfy.model_management
+    import comfy.samplers
+    from mv4d.kernels.composition import CompositionSchedule
+    from mv4d_tiny_models import CONTEXT_DIM, REAL_SIZE, TINY_SIZE, tiny_unet
+
+    size, context_dim = (TINY_SIZE, CONTEXT_DIM) if args.tiny else (REAL_SIZE, 1024)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    started = time.perf_counter()
+    video_model = tiny_unet("svd", 0, size, dtype)
+    multiview_model = tiny_unet("sv3d_p", 1, size, dtype)
+    build_seconds = time.perf_counter() - started
+    latent = args.size // 8
+    conditioning = grid_conditioning(args.views, args.frames, latent, context_dim, comfy.model_management.get_torch_device())
+    noise = torch.randn(args.views * args.frames, 4, latent, latent, generator=torch.Generator().manual_seed(1))
+    empty = torch.zeros_like(noise)
+    sigmas = torch.tensor([700.0, 500.0])  # one Euler step: one joint evaluation
+    sampler = comfy.samplers.sampler_object("euler")
+    if args.compile:
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+        for model in (video_model, multiview_model):  # what core TorchCompileModel does to a MODEL
+            # static shapes: the two UNets share one forward() code object, and a "recompile" for the second
+            # model's batch would otherwise switch dynamo to slow-to-compile dynamic shapes
+            set_torch_compile_wrapper(model=model, backend="inductor", dynamic=False,
+                                      options={"guard_filter_fn": lambda entries: [("transformer_options" not in e.name) for e in entries]})
+    timer = UNetTimer([video_model, multiview_model]) if cuda and not args.compile else None
+    schedule = CompositionSchedule("constant", 0.6, per_view=True)
+    result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "dtype": str(dtype),
+              "views": args.views, "frames": args.frames, "size": args.size, "tiny": args.tiny,
+              "memory_cap_gib": args.memory_cap_gib or None, "compile": args.compile, "per_call": args.per_call, "build_seconds": round(build_seconds, 1)}
+
+    def run(per_call: tuple[int, int]) -> tuple[ComposedGuider, float]:
+        guider = ComposedGuider(video_model, multiview_model, conditioning,
+                                GuiderSettings(schedule, (1.5, 3.0), (2.5, 2.5), *per_call))
+        seconds = {}
+        original = guider.predict_noise
+
+        def timed_predict(*a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = original(*a, **k)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds["step"] = time.perf_counter() - start
+            return out
+
+        guider.predict_noise = timed_predict
+        with torch.inference_mode():
+            guider.sample(noise, empty, sampler, sigmas, disable_pbar=True, seed=0)
+        return guider, seconds["step"]
+
+    flops = None
+    for path in args.paths.split(","):
+        per_call = {"fast": tuple(int(n) for n in args.per_call.split(",")), "plain": (1, 1)}[path]
+        started = time.perf_counter()
+        run(per_call)  # warm-up (model loading, allocator, kernel selection, compilation)
+        warm_up = time.perf_counter() - started
+        if timer:
+            timer.take_seconds()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        steps, unet = [], []
+        for _ in range(args.repeats):
+            steps.append(run(per_call)[1])
+            unet.append(timer.take_seconds() if timer else float("nan"))
+        step = min(steps)
+        entry = {"step_seconds": round(step, 3), "steps_seconds": [round(s, 3) for s in steps],
+                 "warm_up_seconds": round(warm_up, 1)}
+        if timer:
+            entry["unet_seconds"] = round(unet[steps.index(step)], 3)
+            entry["outside_unet_share"] = round(1 - unet[steps.index(step)] / step, 4)
+        if cuda:
+            entry["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if path == "fast" and not args.no_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                run(per_call)
+            flops = counter.get_total_flops()
+            result["step_tflop"] = round(flops / 1e12, 1)
+        if flops:
+            entry["tflops_per_s"] = round(flops / step / 1e12, 1)
+            if "unet_seconds" in entry:
+                entry["unet_tflops_per_s"] = round(flops / entry["unet_seconds"] / 1e12, 1)
+        if path == "fast" and args.profile and cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as recorder:
+                run(per_call)
+            print(recorder.key_averages().table(sort_by="cuda_time_total", row_limit=15), file=sys.stderr)
+        result[path] = entry
+        print(json.dumps({path: entry}), file=sys.stderr, flush=True)  # partial results survive a time limit
+    if "fast" in result and "plain" in result:
+        result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
+    if "fast" in result:
+        # 50 steps, the first 10 evaluated twice (rollback): 60 joint evaluations; the reference row and column
+        # cost one row / one column per step with CFG (about 2 / (V + F) of a joint step each)
+        joint = 60 * result["fast"]["step_seconds"]
+        references = 50 * result["fast"]["step_seconds"] * 2 / (args.views + args.frames)
+        result["projected_sampling_seconds"] = round(joint + references, 1)
+        result["projected_image_to_4d_seconds_without_decode"] = round(joint + references + FIT_SECONDS_H200, 1)
+    if holder:
+        holder.kill()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
