@@ -8,6 +8,7 @@ management loads, offloads and accounts for both.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import comfy.conds
@@ -55,6 +56,9 @@ class GuiderSettings:
     multiview_cfg: tuple[float, float]  # first and last view of each multi-view set
     videos_per_call: int  # 0: as many as fit in free memory
     multiview_sets_per_call: int
+    # optional speed-up (changes the result): classifier-free guidance only while sigma lies in this interval;
+    # outside it the unconditional pass is skipped. The default interval holds every sigma (off).
+    guidance_sigmas: tuple[float, float] = (0.0, math.inf)
 
 
 def _slice_conds(conds: list[dict], first: int, end: int, batch: int, group: int) -> list[dict]:
@@ -138,24 +142,26 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         step = step_of_sigma(self.sample_sigmas, sigma)
         self.weights_log.append((step, sigma, multiview_weight(settings.schedule, step, steps)))
         video_weight, multiview_weight_ = (w.to(x) for w in model_weights(settings.schedule, step, steps, grid.azimuths))
+        guided = settings.guidance_sigmas[0] <= sigma <= settings.guidance_sigmas[1]
+        video_cfg, multiview_cfg = (settings.video_cfg, settings.multiview_cfg) if guided else ((1.0, 1.0), (1.0, 1.0))
 
         denoised = torch.zeros_like(x)
         if bool((video_weight > 0).any()):  # a model with weight 0 everywhere this step is not evaluated at all
-            per_call = self._per_call(self.inner_model, x, grid.frames, grid.views, settings.videos_per_call, settings.video_cfg)
+            per_call = self._per_call(self.inner_model, x, grid.frames, grid.views, settings.videos_per_call, video_cfg)
             for first, end in chunks(grid.views, per_call):
                 model_management.throw_exception_if_processing_interrupted()
                 prediction = self._denoise(self.inner_model, self.conds, model_options, rows(x, grid.frames, first, end),
-                                           first * grid.frames, end * grid.frames, grid.frames, settings.video_cfg, timestep)
+                                           first * grid.frames, end * grid.frames, grid.frames, video_cfg, timestep)
                 weight = video_weight[first:end].repeat_interleave(grid.frames)
                 denoised[first * grid.frames:end * grid.frames] += weight.view(-1, 1, 1, 1) * prediction
         if bool((multiview_weight_ > 0).any()):
-            per_call = self._per_call(self.multiview_inner, x, grid.views, grid.frames, settings.multiview_sets_per_call, settings.multiview_cfg)
+            per_call = self._per_call(self.multiview_inner, x, grid.views, grid.frames, settings.multiview_sets_per_call, multiview_cfg)
             by_cell = rearrange(denoised, "(v f) ... -> v f ...", f=grid.frames)
             for first, end in chunks(grid.frames, per_call):
                 model_management.throw_exception_if_processing_interrupted()
                 prediction = self._denoise(self.multiview_inner, self.multiview_conds, self.multiview_options,
                                            columns(x, grid.frames, first, end), first * grid.views, end * grid.views,
-                                           grid.views, settings.multiview_cfg, timestep)
+                                           grid.views, multiview_cfg, timestep)
                 prediction = rearrange(prediction, "(f v) ... -> v f ...", v=grid.views)
                 by_cell[:, first:end] += multiview_weight_.view(-1, 1, 1, 1, 1) * prediction
         return denoised

@@ -237,6 +237,12 @@ class ComposedGuiderNode(io.ComfyNode):
                                  tooltip="Official per-view modulation: side views lean on the multi-view model, front/back views keep the schedule."),
                 io.Int.Input("videos_per_call", default=0, min=0, max=4096, tooltip="Rows per video-model call; 0 = as many as fit in free memory."),
                 io.Int.Input("multiview_sets_per_call", default=0, min=0, max=4096, tooltip="Columns per multi-view-model call; 0 = as many as fit."),
+                io.Float.Input("guidance_sigma_min", default=0.0, min=0.0, max=1000.0, step=0.001,
+                               tooltip="Optional speed-up, off by default: CFG only while sigma is between guidance_sigma_min "
+                                       "and guidance_sigma_max; other steps skip the unconditional pass (half their UNet "
+                                       "work). It changes the result; its effect on real-model quality is not measured."),
+                io.Float.Input("guidance_sigma_max", default=1000.0, min=0.0, max=1000.0, step=0.001,
+                               tooltip="Upper end of the CFG interval (1000: above SVD/SV3D's 700, i.e. every step is guided)."),
             ],
             outputs=[io.Guider.Output("guider", tooltip="For SamplerCustomAdvanced, with the grid latent of MV4D Grid Conditioning.")],
         )
@@ -244,7 +250,11 @@ class ComposedGuiderNode(io.ComfyNode):
     @classmethod
     def execute(cls, video_model, multiview_model, grid_conditioning, video_cfg_first, video_cfg_last,
                 multiview_cfg_first, multiview_cfg_last, schedule, multiview_weight, weight_start, weight_end,
-                logistic_k, logistic_center, per_view_weights, videos_per_call, multiview_sets_per_call) -> io.NodeOutput:
+                logistic_k, logistic_center, per_view_weights, videos_per_call, multiview_sets_per_call,
+                guidance_sigma_min=0.0, guidance_sigma_max=1000.0) -> io.NodeOutput:
+        if guidance_sigma_min > guidance_sigma_max:
+            raise input_error(GUIDER, "guidance_sigma_min", f"{guidance_sigma_min} is above guidance_sigma_max {guidance_sigma_max}",
+                              "set guidance_sigma_min <= guidance_sigma_max (or 0 and 1000 to guide every step)")
         check_model(GUIDER, "video_model", video_model, "video")
         check_model(GUIDER, "multiview_model", multiview_model, "multiview")
         for name, model in (("video_model", video_model), ("multiview_model", multiview_model)):
@@ -255,7 +265,7 @@ class ComposedGuiderNode(io.ComfyNode):
             composition = CompositionSchedule(schedule, multiview_weight, weight_start, weight_end, logistic_k,
                                               logistic_center, per_view_weights)
         settings = GuiderSettings(composition, (video_cfg_first, video_cfg_last), (multiview_cfg_first, multiview_cfg_last),
-                                  videos_per_call, multiview_sets_per_call)
+                                  videos_per_call, multiview_sets_per_call, (guidance_sigma_min, guidance_sigma_max))
         return io.NodeOutput(ComposedGuider(video_model, multiview_model, grid_conditioning, settings))
 
 

@@ -86,7 +86,8 @@ def sample(guider, noise, latent, sampler=None, sigmas=None):
 
 @contextmanager
 def spy_on_unet_calls():
-    """Records (model class, batch, both models loaded by ComfyUI's model management?) for every UNet batch."""
+    """Records (model class, batch, ids of the models ComfyUI's model management holds, image-forwards: batch x
+    cond passes) for every batch of UNet work."""
     import comfy.model_management
     import comfy.samplers
 
@@ -95,7 +96,7 @@ def spy_on_unet_calls():
 
     def spy(model, conds, x, *args, **kwargs):
         loaded = {id(entry.model.model) for entry in comfy.model_management.current_loaded_models if entry.model is not None}
-        calls.append((type(model).__name__, x.shape[0], loaded))
+        calls.append((type(model).__name__, x.shape[0], loaded, x.shape[0] * sum(c is not None for c in conds)))
         return original(model, conds, x, *args, **kwargs)
 
     comfy.samplers.calc_cond_batch = spy
@@ -119,7 +120,7 @@ def test_multiview_weight_zero_gives_plain_video_sampling_row_by_row(mv4d_nodes,
     with spy_on_unet_calls() as calls:
         grid = sample(guider, noise, latent)
     assert all(s == 0.0 for _, _, s in guider.weights_log)
-    assert {name for name, _, _ in calls} == {"SVD_img2vid"}  # the multi-view model, weight 0, never ran
+    assert {call[0] for call in calls} == {"SVD_img2vid"}  # the multi-view model, weight 0, never ran
 
     svd, clip_vision, vae = models["svd"]
     linear_cfg_model = VideoLinearCFGGuidance().patch(svd, 1.5)[0]  # core's per-frame linear CFG, 1.5 -> cfg
@@ -144,7 +145,7 @@ def test_multiview_weight_one_gives_plain_multiview_sampling_column_by_column(mv
     noise = grid_noise(4)
     with spy_on_unet_calls() as calls:
         grid = sample(guider, noise, latent).reshape(VIEWS, FRAMES, 4, SIZE // 8, SIZE // 8)
-    assert {name for name, _, _ in calls} == {"SV3D_p"}
+    assert {call[0] for call in calls} == {"SV3D_p"}
 
     sv3d, clip_vision, vae = models["sv3d_p"]
     _, svd_clip_vision, svd_vae = models["svd"]  # the grid conditioning above encoded with these
@@ -171,11 +172,11 @@ def test_chunk_sizes_do_not_change_the_grid(mv4d_nodes, models, cameras, referen
         guider = composed_guider(mv4d_nodes, models, conditioning, videos_per_call=per_call, multiview_sets_per_call=per_call)
         with spy_on_unet_calls() as calls:
             grids[per_call] = sample(guider, noise, latent)
-        sizes = {name: sorted({batch for other, batch, _ in calls if other == name}) for name in ("SVD_img2vid", "SV3D_p")}
+        sizes = {name: sorted({call[1] for call in calls if call[0] == name}) for name in ("SVD_img2vid", "SV3D_p")}
         expected = min(per_call or 4096, VIEWS) * FRAMES, min(per_call or 4096, FRAMES) * VIEWS
         assert max(sizes["SVD_img2vid"]) == expected[0] and max(sizes["SV3D_p"]) == expected[1], sizes
         both = {id(models["svd"][0].model), id(models["sv3d_p"][0].model)}
-        assert all(both <= loaded for _, _, loaded in calls)  # model management holds both while sampling
+        assert all(both <= call[2] for call in calls)  # model management holds both while sampling
     for per_call, grid in grids.items():
         difference = (grid - grids[1]).abs().max().item()
         print(f"{per_call} per call vs 1: {difference:.2e}")
@@ -220,6 +221,31 @@ def test_automatic_chunks_follow_free_memory(mv4d_nodes, models, cameras, refere
     assert max(video_batches) <= 2 * FRAMES and sum(video_batches) == VIEWS * FRAMES
     assert max(multiview_batches) <= 3 * VIEWS and sum(multiview_batches) == VIEWS * FRAMES
     assert min(video_batches) < VIEWS * FRAMES  # it did split
+
+
+def test_guidance_interval_skips_the_unconditional_pass_outside_it(mv4d_nodes, models, cameras, references):
+    """The optional speed-up: outside [guidance_sigma_min, max] a step runs cond only, exactly CFG 1 there."""
+    conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
+    noise, sigmas = grid_noise(6), karras_sigmas()
+    low_noise = float(sigmas[2]) * 1.01  # guide only the last two steps
+    runs = {}
+    for name, settings in {
+        "interval": dict(guidance_sigma_min=0.0, guidance_sigma_max=low_noise),
+        "no cfg": dict(video_cfg_first=1.0, video_cfg_last=1.0, multiview_cfg_first=1.0, multiview_cfg_last=1.0),
+        "every step": dict(guidance_sigma_min=0.0, guidance_sigma_max=1000.0),
+    }.items():
+        guider = composed_guider(mv4d_nodes, models, conditioning, videos_per_call=4096, multiview_sets_per_call=4096, **settings)
+        with spy_on_unet_calls() as calls:
+            runs[name] = (sample(guider, noise, latent, sigmas=sigmas), sum(call[3] for call in calls))
+    forwards = {name: count for name, (_, count) in runs.items()}
+    print(f"UNet image-forwards over {STEPS} steps: {forwards}")
+    grid = VIEWS * FRAMES
+    assert forwards["every step"] == STEPS * 2 * 2 * grid  # steps x models x (cond + uncond) x cells
+    assert forwards["no cfg"] == STEPS * 2 * grid
+    assert forwards["interval"] == forwards["no cfg"] + 2 * 2 * grid  # the two guided steps add their uncond
+    assert not torch.equal(runs["interval"][0], runs["every step"][0])
+    message = error_of(lambda: composed_guider(mv4d_nodes, models, conditioning, guidance_sigma_min=5.0, guidance_sigma_max=1.0))
+    assert "'guidance_sigma_min'" in message
 
 
 def test_schedule_values_at_each_step_follow_the_formula(mv4d_nodes, models, cameras, references):
