@@ -109,6 +109,26 @@ class UNetTimer:
         return seconds
 
 
+def time_row_decode(frames: int, latent: int, cuda: bool) -> float:
+    """Seconds to decode one row (a video at one view), as MV4D Decode Grid does, with SVD's VAE architecture
+    (ComfyUI builds it, temporal decoder included, when it sees this key; random weights)."""
+    import comfy.sd
+    from mv4d_tiny_models import init_weights
+
+    vae = comfy.sd.VAE(sd={"decoder.mid.block_1.mix_factor": torch.zeros(1)})
+    init_weights(vae.first_stage_model, 3)
+    row = torch.randn(frames, 4, latent, latent) * 0.5
+    with torch.inference_mode():
+        vae.decode(row)  # warm-up: loading, kernel selection
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        vae.decode(row)
+        if cuda:
+            torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--views", type=int, default=21)
@@ -123,6 +143,8 @@ def main() -> None:
                         help="torch.compile both UNets as core TorchCompileModel does (inductor; the first step compiles)")
     parser.add_argument("--per-call", default="0,0",
                         help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
+    parser.add_argument("--decode", action="store_true",
+                        help="also time decoding one row (all frames) with SVD's real-size temporal VAE decoder")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one fast step (torch.profiler)")
     args = parser.parse_args()
 
@@ -186,7 +208,7 @@ def main() -> None:
         return guider, seconds["step"]
 
     flops = None
-    for path in args.paths.split(","):
+    for path in [p for p in args.paths.split(",") if p]:
         per_call = {"fast": tuple(int(n) for n in args.per_call.split(",")), "plain": (1, 1)}[path]
         started = time.perf_counter()
         run(per_call)  # warm-up (model loading, allocator, kernel selection, compilation)
@@ -226,6 +248,9 @@ def main() -> None:
             print(recorder.key_averages().table(sort_by="cuda_time_total", row_limit=15), file=sys.stderr)
         result[path] = entry
         print(json.dumps({path: entry}), file=sys.stderr, flush=True)  # partial results survive a time limit
+    if args.decode:
+        result["decode_row_seconds"] = round(time_row_decode(args.frames, latent, cuda), 2)
+        result["projected_decode_seconds"] = round(result["decode_row_seconds"] * args.views, 1)
     if "fast" in result and "plain" in result:
         result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
     if "fast" in result:
@@ -235,6 +260,9 @@ def main() -> None:
         references = 50 * result["fast"]["step_seconds"] * 2 / (args.views + args.frames)
         result["projected_sampling_seconds"] = round(joint + references, 1)
         result["projected_image_to_4d_seconds_without_decode"] = round(joint + references + FIT_SECONDS_H200, 1)
+        if "projected_decode_seconds" in result:
+            result["projected_image_to_4d_seconds"] = round(joint + references + FIT_SECONDS_H200
+                                                            + result["projected_decode_seconds"] * (1 + 2 / args.views), 1)
     if holder:
         holder.kill()
     print(json.dumps(result))
