@@ -112,11 +112,6 @@ def columns(grid: torch.Tensor, frames: int, first: int, end: int) -> torch.Tens
     return rearrange(rearrange(grid, "(v f) ... -> f v ...", f=frames)[first:end], "f v ... -> (f v) ...")
 
 
-def columns_to_grid(column_batch: torch.Tensor, views: int) -> torch.Tensor:
-    """Inverse of `columns` over all columns: column-major (F * V, ...) back to view-major (V * F, ...)."""
-    return rearrange(column_batch, "(f v) ... -> (v f) ...", v=views)
-
-
 def chunks(total: int, per_chunk: int) -> list[tuple[int, int]]:
     """[first, end) ranges of at most per_chunk items covering 0..total-1."""
     per_chunk = max(1, min(per_chunk, total))
