@@ -66,21 +66,19 @@ def hold_gpu_memory_except(cap_gib: float) -> subprocess.Popen | None:
     return holder
 
 
-def grid_conditioning(views: int, frames: int, latent: int, context_dim: int, device):
-    from mv4d.nodes.composed_guider import GridConditioning  # loaded by import_host
+def random_grid_conditioning(views: int, frames: int, latent: int, context_dim: int):
+    """The guider's conditioning with random reference embeddings and latents (cost does not depend on them)."""
+    import importlib
 
+    build = importlib.import_module("mv4d.nodes.grid_conditioning").grid_conditioning  # after import_host
     generator = torch.Generator().manual_seed(0)
 
-    def cond(count, extra):
-        embeddings = torch.randn(count, 1, context_dim, generator=generator)
-        latents = torch.randn(count, 4, latent, latent, generator=generator)
-        return ([[embeddings, {"concat_latent_image": latents, **extra}]],
-                [[torch.zeros_like(embeddings), {"concat_latent_image": torch.zeros_like(latents), **extra}]])
+    def references(count):
+        return (torch.randn(count, 1, context_dim, generator=generator),
+                torch.randn(count, 4, latent, latent, generator=generator))
 
     azimuths = [360.0 * (v + 1) / views for v in range(views)]
-    video = cond(views * frames, {"fps": 6, "motion_bucket_id": 127, "augmentation_level": 0.02})
-    multiview = cond(views * frames, {"elevation": [10.0] * views * frames, "azimuth": azimuths * frames, "augmentation_level": 1e-5})
-    return GridConditioning(views, frames, latent, latent, azimuths, [10.0] * views, video[0], video[1], multiview[0], multiview[1])
+    return build(*references(views), *references(frames), [10.0] * views, azimuths, 6, 127, 0.02, 1e-5)
 
 
 class UNetTimer:
@@ -155,7 +153,6 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     guider_module = import_host(cpu=not cuda)
     ComposedGuider, GuiderSettings = guider_module.ComposedGuider, guider_module.GuiderSettings
-    import comfy.model_management
     import comfy.samplers
     from mv4d.kernels.composition import CompositionSchedule
     from mv4d_tiny_models import CONTEXT_DIM, REAL_SIZE, TINY_SIZE, tiny_unet
@@ -167,7 +164,7 @@ def main() -> None:
     multiview_model = tiny_unet("sv3d_p", 1, size, dtype)
     build_seconds = time.perf_counter() - started
     latent = args.size // 8
-    conditioning = grid_conditioning(args.views, args.frames, latent, context_dim, comfy.model_management.get_torch_device())
+    conditioning = random_grid_conditioning(args.views, args.frames, latent, context_dim)
     noise = torch.randn(args.views * args.frames, 4, latent, latent, generator=torch.Generator().manual_seed(1))
     empty = torch.zeros_like(noise)
     sigmas = torch.tensor([700.0, 500.0])  # one Euler step: one joint evaluation

@@ -13,11 +13,11 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
-from ..kernels.cameras import sv3d_angles
 from ..kernels.composition import SCHEDULES, CompositionSchedule, check_descending, sample_rollback_euler
 from ..kernels.multiview_video import MultiviewVideo, even_times, mosaic
 from . import host
-from .composed_guider import GUIDER, ComposedGuider, GridConditioning, GuiderSettings
+from .composed_guider import GUIDER, ComposedGuider, GuiderSettings
+from .grid_conditioning import encode_references, grid_conditioning, official_sv3d_angles, sv3d_conditioning
 from .node_errors import input_error, kernel_errors_as_node_errors
 from .types import Cameras, GridConditioningSocket, MultiviewVideoSocket
 
@@ -27,11 +27,6 @@ ROLLBACK_EULER = "MV4D Rollback Euler"
 DECODE_GRID = "MV4D Decode Grid"
 GRID_KEY = "mv4d_grid"
 LATENT_CHANNELS = 4  # SVD and SV3D share Stable Diffusion's 4-channel, 8x-downscaled latent space
-# ComfyUI's SV3D_p wraps azimuths with fmod(., 360), which would turn the reference view's 360 into 0; the official
-# model was conditioned with 2 pi there. The float32 just below 360 survives the fmod and embeds as 2 pi.
-REFERENCE_AZIMUTH = float(torch.tensor(360.0).nextafter(torch.tensor(0.0)))
-# Augmentation noise on the reference pixels (as core SVD conditioning adds) from a fixed seed: same inputs, same output.
-AUGMENTATION_SEED = 0
 SUPPORTED_PAIRS = ("video model: SVD or SVD-XT (ImageOnlyCheckpointLoader, class SVD_img2vid); "
                    "multi-view model: SV3D_u or SV3D_p")
 
@@ -76,20 +71,8 @@ def check_latent_size(node: str, height: int, width: int) -> None:
 
 
 def sv3d_lists(node: str, cameras) -> tuple[list[float], list[float]]:
-    """Elevations and azimuths of the rig in SV3D's official convention (input view last, at 360)."""
     with kernel_errors_as_node_errors(node):
-        angles = sv3d_angles(cameras)
-    return angles.elevations_deg, [REFERENCE_AZIMUTH if a >= 360.0 else a for a in angles.azimuths_deg]
-
-
-def encode_references(clip_vision, vae, images: torch.Tensor, augmentation: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image: CLIP image embedding (B, 1, D) and VAE latent of the (augmented) pixels (B, 4, h, w)."""
-    embeddings = clip_vision.encode_image(images[..., :3]).image_embeds.unsqueeze(1)
-    pixels = images[..., :3]
-    if augmentation > 0:
-        generator = torch.Generator().manual_seed(AUGMENTATION_SEED)
-        pixels = pixels + torch.randn(pixels.shape, generator=generator).to(pixels) * augmentation
-    return embeddings, vae.encode(pixels)
+        return official_sv3d_angles(cameras)
 
 
 def grid_latent(views: int, frames: int, height: int, width: int) -> dict:
@@ -129,9 +112,7 @@ class SV3DConditioning(io.ComfyNode):
         image = comfy.utils.common_upscale(init_image[:1, ..., :3].movedim(-1, 1), cameras.width, cameras.height,
                                            "bilinear", "center").movedim(1, -1)
         embedding, latent = encode_references(clip_vision, vae, image, augmentation_level)
-        extra = {"elevation": elevations, "azimuth": azimuths, "augmentation_level": augmentation_level}
-        positive = [[embedding, {"concat_latent_image": latent, **extra}]]
-        negative = [[torch.zeros_like(embedding), {"concat_latent_image": torch.zeros_like(latent), **extra}]]
+        positive, negative = sv3d_conditioning(embedding, latent, elevations, azimuths, augmentation_level)
         views = len(cameras)
         return io.NodeOutput(positive, negative,
                              {"samples": torch.zeros(views, LATENT_CHANNELS, cameras.height // 8, cameras.width // 8)})
@@ -183,24 +164,8 @@ class GridConditioningNode(io.ComfyNode):
         view_embeddings, view_latents = encode_references(clip_vision, vae, reference_views, video_augmentation)
         frame_embeddings, frame_latents = encode_references(multiview_clip_vision or clip_vision, vae, reference_frames,
                                                             multiview_augmentation)
-        # video model, view-major: every frame of row v carries reference view v
-        video_extra = {"fps": fps, "motion_bucket_id": motion_bucket_id, "augmentation_level": video_augmentation}
-        row_embeddings = view_embeddings.repeat_interleave(frames, 0)
-        row_latents = view_latents.repeat_interleave(frames, 0)
-        # multi-view model, column-major: every view of column f carries reference frame f; per-view angles tiled
-        multiview_extra = {"elevation": elevations * frames, "azimuth": azimuths * frames,
-                           "augmentation_level": multiview_augmentation}
-        column_embeddings = frame_embeddings.repeat_interleave(views, 0)
-        column_latents = frame_latents.repeat_interleave(views, 0)
-        conditioning = GridConditioning(
-            views=views, frames=frames, latent_height=height // 8, latent_width=width // 8,
-            azimuths=azimuths, elevations=elevations,
-            video_positive=[[row_embeddings, {"concat_latent_image": row_latents, **video_extra}]],
-            video_negative=[[torch.zeros_like(row_embeddings), {"concat_latent_image": torch.zeros_like(row_latents), **video_extra}]],
-            multiview_positive=[[column_embeddings, {"concat_latent_image": column_latents, **multiview_extra}]],
-            multiview_negative=[[torch.zeros_like(column_embeddings),
-                                 {"concat_latent_image": torch.zeros_like(column_latents), **multiview_extra}]],
-        )
+        conditioning = grid_conditioning(view_embeddings, view_latents, frame_embeddings, frame_latents, elevations,
+                                         azimuths, fps, motion_bucket_id, video_augmentation, multiview_augmentation)
         return io.NodeOutput(conditioning, grid_latent(views, frames, height, width))
 
 

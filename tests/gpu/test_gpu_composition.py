@@ -31,10 +31,10 @@ def test_fast_path_equals_one_call_per_video_in_bf16(guider_module):
     from mv4d_tiny_models import tiny_unet
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from composition_step import grid_conditioning
+    from composition_step import random_grid_conditioning
 
     video, multiview = tiny_unet("svd", 0, dtype=torch.bfloat16), tiny_unet("sv3d_p", 1, dtype=torch.bfloat16)
-    conditioning = grid_conditioning(VIEWS, FRAMES, LATENT, 32, "cuda")
+    conditioning = random_grid_conditioning(VIEWS, FRAMES, LATENT, 32)
     noise = torch.randn(VIEWS * FRAMES, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(2))
     sigmas = comfy.samplers.calculate_sigmas(video.get_model_object("model_sampling"), "karras", 4)
     grids = {}
