@@ -268,6 +268,7 @@ def test_schedule_values_at_each_step_follow_the_formula(mv4d_nodes, models, cam
 
 def test_sv3d_conditioning_follows_the_official_azimuths(mv4d_nodes, models):
     """Official: azimuths linspace(0, 360, 22)[1:], input view last at 2 pi (ComfyUI's own node starts at 0)."""
+    import comfy.sampler_helpers
     import comfy.samplers
     from comfy_extras.nodes_stable3d import SV3D_Conditioning
 
@@ -288,7 +289,7 @@ def test_sv3d_conditioning_follows_the_official_azimuths(mv4d_nodes, models):
 
     # what the model embeds for the input view is the official 2 pi, not ComfyUI's fmod(360, 360) = 0
     conds = comfy.samplers.process_conds(sv3d.model, torch.zeros(21, 4, SIZE // 8, SIZE // 8),
-                                         {"positive": __import__("comfy.sampler_helpers").sampler_helpers.convert_cond(positive)}, "cpu")
+                                         {"positive": comfy.sampler_helpers.convert_cond(positive)}, "cpu")
     adm = conds["positive"][0]["model_conds"]["y"].cond
     two_pi = sv3d.model.embedder_512(torch.tensor([2 * math.pi]))
     zero = sv3d.model.embedder_512(torch.tensor([0.0]))
