@@ -233,6 +233,7 @@ def test_guidance_interval_skips_the_unconditional_pass_outside_it(mv4d_nodes, m
         "interval": dict(guidance_sigma_min=0.0, guidance_sigma_max=low_noise),
         "no cfg": dict(video_cfg_first=1.0, video_cfg_last=1.0, multiview_cfg_first=1.0, multiview_cfg_last=1.0),
         "every step": dict(guidance_sigma_min=0.0, guidance_sigma_max=1000.0),
+        "never": dict(guidance_sigma_min=0.0, guidance_sigma_max=1e-4),  # below the last sigma, 0.002
     }.items():
         guider = composed_guider(mv4d_nodes, models, conditioning, videos_per_call=4096, multiview_sets_per_call=4096, **settings)
         with spy_on_unet_calls() as calls:
@@ -244,6 +245,7 @@ def test_guidance_interval_skips_the_unconditional_pass_outside_it(mv4d_nodes, m
     assert forwards["no cfg"] == STEPS * 2 * grid
     assert forwards["interval"] == forwards["no cfg"] + 2 * 2 * grid  # the two guided steps add their uncond
     assert not torch.equal(runs["interval"][0], runs["every step"][0])
+    assert torch.equal(runs["never"][0], runs["no cfg"][0])  # unguided steps are exactly CFG 1
     message = error_of(lambda: composed_guider(mv4d_nodes, models, conditioning, guidance_sigma_min=5.0, guidance_sigma_max=1.0))
     assert "'guidance_sigma_min'" in message
 
