@@ -155,13 +155,13 @@ def main() -> None:
     ComposedGuider, GuiderSettings = guider_module.ComposedGuider, guider_module.GuiderSettings
     import comfy.samplers
     from mv4d.kernels.composition import CompositionSchedule
-    from mv4d_tiny_models import CONTEXT_DIM, REAL_SIZE, TINY_SIZE, tiny_unet
+    from mv4d_tiny_models import CONTEXT_DIM, REAL_SIZE, TINY_SIZE, svd_family_unet
 
     size, context_dim = (TINY_SIZE, CONTEXT_DIM) if args.tiny else (REAL_SIZE, 1024)
     dtype = torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
-    video_model = tiny_unet("svd", 0, size, dtype)
-    multiview_model = tiny_unet("sv3d_p", 1, size, dtype)
+    video_model = svd_family_unet("svd", 0, size, dtype)
+    multiview_model = svd_family_unet("sv3d_p", 1, size, dtype)
     build_seconds = time.perf_counter() - started
     latent = args.size // 8
     conditioning = random_grid_conditioning(args.views, args.frames, latent, context_dim)

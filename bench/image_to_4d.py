@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,29 +66,25 @@ def main() -> None:
     from mv4d.kernels.multiview_video import MultiviewVideo, even_times
     from mv4d.kernels.splats.fit import FitSettings, fit_dynamic_gaussians
     from mv4d.kernels.synthetic_scene import render_scene
-    from mv4d_tiny_models import REAL_SIZE, TINY_SIZE, tiny_clip_vision, tiny_unet, tiny_vae
+    from mv4d_tiny_models import REAL_SIZE, TINY_SIZE, tiny_clip_vision, svd_family_unet, tiny_vae
 
     conditioning = importlib.import_module("mv4d.nodes.grid_conditioning")
     dtype = torch.bfloat16 if cuda else torch.float32
     seconds: dict[str, float] = {}
 
+    @contextmanager
     def timed(name):
-        class Stage:
-            def __enter__(self):
-                if cuda:
-                    torch.cuda.synchronize()
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if cuda:
-                    torch.cuda.synchronize()
-                seconds[name] = round(time.perf_counter() - self.start, 2)
-
-        return Stage()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+        seconds[name] = round(time.perf_counter() - start, 2)
 
     with timed("build_models"):
         size = TINY_SIZE if args.tiny else REAL_SIZE
-        video_model, multiview_model = tiny_unet("svd", 0, size, dtype), tiny_unet("sv3d_p", 1, size, dtype)
+        video_model, multiview_model = svd_family_unet("svd", 0, size, dtype), svd_family_unet("sv3d_p", 1, size, dtype)
         clip_vision, vae = (tiny_clip_vision(), tiny_vae()) if args.tiny else (real_clip_vision(), real_vae())
     rig = orbit_rig(args.views, 10.0, 2.0, 33.8, args.size, args.size, sv3d_order=True)
     image = render_scene(rig.select([args.views - 1]), torch.zeros(1))[0][0]  # the input view (last), at time 0

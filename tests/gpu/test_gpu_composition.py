@@ -28,12 +28,12 @@ def guider_module():
 def test_fast_path_equals_one_call_per_video_in_bf16(guider_module):
     import comfy.samplers
     from mv4d.kernels.composition import CompositionSchedule
-    from mv4d_tiny_models import tiny_unet
+    from mv4d_tiny_models import svd_family_unet
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from composition_step import random_grid_conditioning
 
-    video, multiview = tiny_unet("svd", 0, dtype=torch.bfloat16), tiny_unet("sv3d_p", 1, dtype=torch.bfloat16)
+    video, multiview = svd_family_unet("svd", 0, dtype=torch.bfloat16), svd_family_unet("sv3d_p", 1, dtype=torch.bfloat16)
     conditioning = random_grid_conditioning(VIEWS, FRAMES, LATENT, 32)
     noise = torch.randn(VIEWS * FRAMES, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(2))
     sigmas = comfy.samplers.calculate_sigmas(video.get_model_object("model_sampling"), "karras", 4)

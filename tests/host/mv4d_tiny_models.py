@@ -3,7 +3,8 @@
 Same UNet class, conditioning code (model_base.SVD_img2vid / SV3D_u / SV3D_p extra_conds and timestep embedders),
 key layout and sampling settings (V-prediction EDM, sigma 0.002..700, SD latent format) as the real checkpoints,
 with 32 channels instead of 320 and a 2-layer CLIP vision encoder. Weights are random from a seed: they produce
-no meaningful images, only the exact computation the real ones go through. Used by the host tests and by the
+no meaningful images, only the exact computation the real ones go through. With REAL_SIZE the same builder
+gives the released UNet architecture (for the benchmarks in bench/). Used by the host tests and by the
 test-only node pack next to this file (tiny_model_nodes/) that the test server loads.
 """
 
@@ -42,7 +43,7 @@ TINY_SIZE = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], 
                  transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=CONTEXT_DIM, num_head_channels=16)
 
 
-def tiny_unet(kind: str, seed: int = 0, size: dict = TINY_SIZE, dtype: torch.dtype | None = None):
+def svd_family_unet(kind: str, seed: int = 0, size: dict = TINY_SIZE, dtype: torch.dtype | None = None):
     """A ModelPatcher of an SVD / SV3D UNet with temporal layers: 2 levels of 32 channels by default, or the real
     architecture with size=REAL_SIZE (random weights: for benchmarks, compute does not depend on the values)."""
     import comfy.model_management as model_management
@@ -101,7 +102,7 @@ def tiny_vae(seed: int = 200):
 def tiny_checkpoint(kind: str):
     """(MODEL, CLIP_VISION, VAE) as ImageOnlyCheckpointLoader gives them for an SVD / SV3D checkpoint."""
     seed = KINDS.index(kind)
-    return tiny_unet(kind, seed), tiny_clip_vision(100 + seed), tiny_vae(200 + seed)
+    return svd_family_unet(kind, seed), tiny_clip_vision(100 + seed), tiny_vae(200 + seed)
 
 
 def composed_guider_module():
