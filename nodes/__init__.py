@@ -6,12 +6,13 @@ from .cameras import LoadCameraTrajectory, OrbitCameras
 from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, RollbackEuler, SV3DConditioning
 from .epipolar import EpipolarMask, PreviewEpipolarMask
 from .host import register_model_folders
+from .load_multiview import LoadMultiviewImages
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
 from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
 
 NODES: list[type[io.ComfyNode]] = [
     OrbitCameras, LoadCameraTrajectory, EpipolarMask, PreviewEpipolarMask,
-    ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
+    LoadMultiviewImages, ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
     SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid,
     Fit4DGaussians, Render4D, Save4D, Load4D,
 ]

@@ -93,13 +93,42 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def write_input_image(path: Path) -> None:
+def test_picture(shift: int = 0):
+    """A 64 x 64 RGB test card (uint8); `shift` moves its checkerboard, so frames and views differ."""
     import numpy as np
-    from PIL import Image  # a ComfyUI requirement
 
     y, x = np.mgrid[0:64, 0:64]
-    pixels = np.stack([x * 4, y * 4, ((x // 8 + y // 8) % 2) * 255], axis=-1).astype(np.uint8)
-    Image.fromarray(pixels).save(path)
+    return np.stack([x * 4, y * 4, (((x + shift) // 8 + y // 8) % 2) * 255], axis=-1).astype(np.uint8)
+
+
+def write_input_image(path: Path) -> None:
+    from PIL import Image  # a ComfyUI requirement
+
+    Image.fromarray(test_picture()).save(path)
+
+
+def write_input_views(folder: Path, views: int = 4) -> None:
+    """A multi-view set as our multi-view workflow loads it: one image per view in a folder of input/."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for view in range(views):
+        Image.fromarray(test_picture(shift=3 * view)).save(folder / f"view_{view:02d}.png")
+
+
+def write_input_video(path: Path, frames: int = 6) -> None:
+    """A short H.264 clip for the video workflow's LoadVideo (PyAV is a ComfyUI requirement)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for frame in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(test_picture(shift=2 * frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def _free_port() -> int:
@@ -120,7 +149,10 @@ def comfy_server(tmp_path_factory):
     (base / "custom_nodes" / "mv4d_test_models").symlink_to(Path(__file__).parent / "tiny_model_nodes", target_is_directory=True)
     for name in ("input", "output", "temp", "user"):
         (base / name).mkdir()
-    write_input_image(base / "input" / "mv4d_input.png")  # the image our workflows load
+    # the inputs our workflows name
+    write_input_image(base / "input" / "mv4d_input.png")
+    write_input_video(base / "input" / "mv4d_input.mp4")
+    write_input_views(base / "input" / "mv4d_views")
     paths = base / "extra_model_paths.yaml"
     paths.write_text(f"mv4d_tests:\n  base_path: {base}\n  custom_nodes: custom_nodes\n")
     port = _free_port()

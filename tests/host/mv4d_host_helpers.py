@@ -76,10 +76,15 @@ def load_api_workflow(name: str) -> dict:
     return json.loads((WORKFLOWS / "api" / name).read_text())
 
 
+# What a CPU test machine runs instead of the paper setting, by the titles of the workflows' PrimitiveInt boxes.
+TINY_SETTING = {"views": 4, "frames": 3, "size": 64, "steps": 3}
+TINY_FIT = {"iterations": 20, "initial_gaussians": 500, "max_gaussians": 4000}
+
+
 def on_tiny_models(prompt: dict) -> dict:
     """A shipped prompt made runnable on a test machine: real checkpoint loaders (no weights can be downloaded
-    here) swapped for the test-only tiny SVD / SV3D models, and sizes, views, frames and steps shrunk for a CPU.
-    Prompts without checkpoint loaders come back unchanged."""
+    here) swapped for the test-only tiny SVD / SV3D models, and views, frames, size, steps and the 4D fit shrunk
+    for a CPU. Prompts without checkpoint loaders come back unchanged."""
     import copy
 
     if not any(node["class_type"] == "ImageOnlyCheckpointLoader" for node in prompt.values()):
@@ -87,16 +92,15 @@ def on_tiny_models(prompt: dict) -> dict:
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
+        title = node.get("_meta", {}).get("title", "")
         if kind == "ImageOnlyCheckpointLoader":
             name = inputs["ckpt_name"].lower()
             node["class_type"] = "MV4DTest_TinyCheckpoint"
             node["inputs"] = {"kind": "sv3d_p" if "sv3d_p" in name else "sv3d_u" if "sv3d" in name else "svd"}
-        elif kind == "MV4D_OrbitCameras":
-            inputs.update(views=4, width=64, height=64)
-        elif kind == "SVD_img2vid_Conditioning":
-            inputs.update(width=64, height=64, video_frames=3)
-        elif kind in ("KSampler", "KarrasScheduler"):
-            inputs["steps"] = 3
+        elif kind == "PrimitiveInt" and title in TINY_SETTING:
+            inputs["value"] = TINY_SETTING[title]
+        elif kind == "MV4D_Fit4DGaussians":
+            inputs.update(TINY_FIT)
     return prompt
 
 

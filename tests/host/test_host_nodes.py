@@ -12,6 +12,7 @@ EXPECTED_NODES = {
     "MV4D_LoadCameraTrajectory": "MV4D Load Camera Trajectory",
     "MV4D_EpipolarMask": "MV4D Epipolar Mask",
     "MV4D_PreviewEpipolarMask": "MV4D Preview Epipolar Mask",
+    "MV4D_LoadMultiviewImages": "MV4D Load Multiview Images",
     "MV4D_ImagesToMultiviewVideo": "MV4D Images To Multiview Video",
     "MV4D_MultiviewVideoToImages": "MV4D Multiview Video To Images",
     "MV4D_ExampleScene": "MV4D Example Scene",

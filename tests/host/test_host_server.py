@@ -26,8 +26,12 @@ MAGIC = {".ply": b"ply\n", ".splatv": bytes([0x4B, 0x67, 0, 0]), ".safetensors":
 
 @pytest.mark.parametrize("workflow", sorted(path.name for path in (WORKFLOWS / "api").glob("*.json")))
 def test_every_shipped_api_workflow_runs(comfy_server, workflow):
-    entry = run_prompt(comfy_server.url, on_tiny_models(load_api_workflow(workflow)))
+    prompt = on_tiny_models(load_api_workflow(workflow))
+    entry = run_prompt(comfy_server.url, prompt)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
+    saved = {Path(item["filename"]).suffix for output in entry["outputs"].values() for item in output.get("files", [])}
+    if any(node["class_type"] == "MV4D_Save4D" for node in prompt.values()):
+        assert {".safetensors", ".splatv", ".ply"} <= saved, saved  # the pipeline reached its 4D asset
     images = [item for output in entry["outputs"].values() for item in output.get("images", [])]
     assert images, entry["outputs"]
     from PIL import Image  # a ComfyUI requirement: imported only when a host is there
@@ -61,11 +65,12 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             for name in info["input_order"].get(section, []):
                 spec = info["input"][section][name]
                 is_widget = isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+                value = next(values) if is_widget else None  # a linked widget keeps its (unused) value
                 if name in linked:
                     link = links[linked[name]]
                     inputs[name] = [str(link[1]), link[2]]
                 elif is_widget:
-                    inputs[name] = next(values)
+                    inputs[name] = value
                 if is_widget and len(spec) > 1 and spec[1].get("control_after_generate"):
                     next(values)
         assert next(values, None) is None, f"{node['type']} has more widget values than widgets"
@@ -168,7 +173,7 @@ def test_interrupting_composed_sampling_through_the_server_stops_it_and_saves_no
     import urllib.request
     import uuid
 
-    prompt = on_tiny_models(load_api_workflow("image_to_multiview_video.json"))
+    prompt = on_tiny_models(load_api_workflow("image_to_4d.json"))
     sampler = next(key for key, node in prompt.items() if node["class_type"] == "SamplerCustomAdvanced")
     scheduler = next(node for node in prompt.values() if node["class_type"] == "KarrasScheduler")
     scheduler["inputs"]["steps"] = 5000  # far longer than the test: it can only end by the interrupt
