@@ -27,7 +27,7 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
-    "--disable-dev-shm-usage", "--mute-audio", "--remote-debugging-port=0", "--remote-allow-origins=*",
+    "--disable-dev-shm-usage", "--mute-audio", "--remote-debugging-port=0",
 )
 
 
@@ -50,7 +50,8 @@ class CDPError(RuntimeError):
 @dataclass
 class PageEvent:
     """One thing the page reported that a test may want to see: a console message, an uncaught exception, a
-    browser log entry or a failed request. `kind` is 'console', 'exception', 'log' or 'network'."""
+    browser log entry, a failed request or a JavaScript dialog. `kind` is 'console', 'exception', 'log', 'network'
+    or 'dialog' (alert, confirm, prompt: level error; beforeunload: level info)."""
 
     kind: str
     level: str
@@ -107,6 +108,7 @@ class Chromium:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._session_id: str | None = None
+        self._context_id: str | None = None
         self._requests: dict[str, str] = {}
         self._http = None
         self._socket = None
@@ -198,15 +200,22 @@ class Chromium:
         self._http = aiohttp.ClientSession()
         self._socket = await self._http.ws_connect(websocket_url, max_msg_size=0, heartbeat=None)
         self._reader = asyncio.get_running_loop().create_task(self._read())
-        # the about:blank page Chromium opened at start; a new one if there is none
-        pages = [target for target in (await self._send("Target.getTargets", {}))["targetInfos"] if target["type"] == "page"]
-        target_id = pages[0]["targetId"] if pages else (await self._send("Target.createTarget", {"url": "about:blank"}))["targetId"]
-        attached = await self._send("Target.attachToTarget", {"targetId": target_id, "flatten": True})
+        await self._open_page()
+
+    async def _open_page(self) -> None:
+        """A new page in a new browser context (its own storage, like a fresh profile); the previous context and
+        its page are thrown away without running their unload handlers."""
+        previous = self._context_id
+        self._context_id = (await self._send("Target.createBrowserContext", {}))["browserContextId"]
+        target = await self._send("Target.createTarget", {"url": "about:blank", "browserContextId": self._context_id})
+        attached = await self._send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
         self._session_id = attached["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             await self._send(f"{domain}.enable", {}, session=True)
         await self._send("Emulation.setDeviceMetricsOverride",
                          {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False}, session=True)
+        if previous is not None:
+            await self._send("Target.disposeBrowserContext", {"browserContextId": previous})
 
     async def _disconnect(self) -> None:
         if self._reader is not None:
@@ -260,6 +269,12 @@ class Chromium:
         elif method == "Log.entryAdded" and params["entry"]["level"] in ("error", "warning"):
             entry = params["entry"]
             self.log.add(PageEvent("log", entry["level"], entry["text"], entry.get("url", "")))
+        elif method == "Page.javascriptDialogOpening":
+            # answer at once, or the page (and a navigation away from it: ComfyUI asks 'leave the unsaved
+            # workflow?' in beforeunload) waits forever; an alert / confirm / prompt is worth reporting
+            asyncio.get_running_loop().create_task(self._send("Page.handleJavaScriptDialog", {"accept": True}, session=True))
+            level = "info" if params["type"] == "beforeunload" else "error"
+            self.log.add(PageEvent("dialog", level, f"{params['type']}: {params.get('message', '')}", params.get("url", "")))
         elif method == "Network.requestWillBeSent":
             self._requests[params["requestId"]] = params["request"]["url"]
         elif method == "Network.responseReceived" and params["response"]["status"] >= 400:
@@ -274,6 +289,11 @@ class Chromium:
     def send(self, method: str, params: dict | None = None, timeout: float = 60) -> dict:
         """One CDP command on the page's session."""
         return self._run(self._send(method, params or {}, session=True), timeout)
+
+    def new_page(self, timeout: float = 60) -> None:
+        """Replace the page with a blank one in a fresh browser context (no storage, no history); events of the
+        old page are no longer collected."""
+        self._run(self._open_page(), timeout)
 
     def navigate(self, url: str, timeout: float = 60) -> None:
         result = self.send("Page.navigate", {"url": url}, timeout)
@@ -309,3 +329,162 @@ class Chromium:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))
         return path
+
+
+# -- ComfyUI's frontend ------------------------------------------------------------------------------------
+# Only what the three frontends we test (1.27, 1.35, 1.47: ComfyUI 0.3.64, 0.8.0, 0.29.0) all have: window.app
+# (ComfyApp), window.LiteGraph, app.loadGraphData(json, clean, restore_view, workflow_name, options),
+# app.graphToPrompt(), app.registerExtension and its afterConfigureGraph(missingNodeTypes) hook, app.api.apiURL,
+# app.extensionManager.command.execute, and the Pinia stores of the Vue app (#vue-app).
+
+APP_READY = """!!(window.app && window.LiteGraph && app.graph && app.canvas && app.extensionManager
+    && app.extensionManager.command && LiteGraph.registered_node_types[%s])"""
+
+# Records the node types the frontend found missing at each graph load (all three call afterConfigureGraph with them).
+INSTALL_PROBE = """(() => {
+    if (!window.__mv4dProbe) {
+        window.__mv4dProbe = {missingNodeTypes: []};
+        app.registerExtension({name: 'mv4d.tests.browserProbe', afterConfigureGraph(missing) {
+            window.__mv4dProbe.missingNodeTypes.push(JSON.parse(JSON.stringify(missing ?? [])));
+        }});
+    }
+    return true;
+})()"""
+
+# Fetch a template the way the template browser does (api.apiURL('/workflow_templates/<module>/<name>.json')),
+# load it the way it does (a clean graph, the view restored, the template's name as the workflow's name).
+LOAD_TEMPLATE = """(async (module, name) => {
+    const url = app.api.apiURL(`/workflow_templates/${module}/${name}.json`);
+    const response = await fetch(url);
+    if (!response.ok) return {url, error: `GET ${url}: HTTP ${response.status}`};
+    const workflow = await response.json();
+    const registered = LiteGraph.registered_node_types;
+    const unregistered = workflow.nodes.filter(node => !(node.type in registered)).map(node => `${node.id}:${node.type}`);
+    window.__mv4dProbe.missingNodeTypes = [];
+    await app.loadGraphData(workflow, true, true, name, {openSource: 'template'});
+    const graph = app.graph;
+    return {
+        url, unregistered,
+        missingNodeTypes: window.__mv4dProbe.missingNodeTypes.flat().map(item => typeof item === 'string' ? item : item.type),
+        nodes: graph.nodes.map(node => ({id: String(node.id), type: node.type, registered: node.type in registered,
+                                         errors: !!node.has_errors})),
+        templateNodeIds: workflow.nodes.map(node => String(node.id)),
+    };
+})(%s, %s)"""
+
+# Texts of the open PrimeVue dialogs (missing nodes / missing models in 1.27 and 1.35 are dialogs).
+DIALOG_TEXTS = "Array.from(document.querySelectorAll('.p-dialog')).map(dialog => dialog.innerText)"
+
+# 1.47 shows no dialog for missing nodes / models: it keeps them in Pinia stores shown by an errors panel.
+MISSING_IN_STORES = """(() => {
+    const pinia = document.querySelector('#vue-app')?.__vue_app__?.config.globalProperties.$pinia;
+    const stores = pinia ? pinia._s : new Map();
+    const models = stores.get('missingModel')?.missingModelCandidates ?? null;
+    const nodes = stores.get('missingNodesError')?.missingNodesError ?? null;
+    return {
+        models: models === null ? null : models.filter(model => model.isMissing === true).map(model => model.name),
+        nodeTypes: nodes === null ? null : (nodes.nodeTypes ?? []).map(item => typeof item === 'string' ? item : item.type),
+    };
+})()"""
+
+CLOSE_DIALOGS = """(() => {
+    const pinia = document.querySelector('#vue-app')?.__vue_app__?.config.globalProperties.$pinia;
+    const dialogs = pinia?._s.get('dialog');
+    if (!dialogs) return 0;
+    const keys = dialogs.dialogStack.map(dialog => dialog.key);
+    for (const key of keys) dialogs.closeDialog({key});
+    return keys.length;
+})()"""
+
+# Fit the whole graph in view, drawn in full detail even when zoomed out (no low-quality boxes without text);
+# newer frontends animate the fit, so wait until the view stops moving.
+FIT_VIEW = """(async () => {
+    if ('min_font_size_for_lod' in app.canvas) app.canvas.min_font_size_for_lod = 0;
+    await app.extensionManager.command.execute('Comfy.Canvas.FitView');
+    const frame = () => new Promise(resolve => requestAnimationFrame(resolve));
+    const view = () => JSON.stringify([Array.from(app.canvas.ds.offset), app.canvas.ds.scale]);
+    let last = view(), still = 0;
+    for (let i = 0; i < 600 && still < 10; i++) {
+        await frame();
+        const now = view();
+        still = now === last ? still + 1 : 0;
+        last = now;
+    }
+    app.graph.setDirtyCanvas(true, true);
+    await frame(); await frame();
+    return still >= 10;
+})()"""
+
+
+def js(value) -> str:
+    """A Python value as a JavaScript literal."""
+    return json.dumps(value)
+
+
+class ComfyFrontend:
+    """ComfyUI's own web frontend, served by `server_url`, in a `Chromium` page."""
+
+    def __init__(self, browser: Chromium, server_url: str, probe_node_type: str):
+        self.browser = browser
+        self.server_url = server_url
+        self.probe_node_type = probe_node_type
+
+    def open(self, timeout: float = 120) -> list[PageEvent]:
+        """Load the app in a fresh page of a fresh browser context (nothing kept from an earlier visit) and wait
+        until it is ready; returns what it reported while booting."""
+        self.browser.new_page()
+        mark = self.browser.log.mark()
+        self.browser.navigate(self.server_url + "/")
+        self.browser.wait_for(APP_READY % js(self.probe_node_type), timeout,
+                              f"ComfyUI's frontend at {self.server_url} ready with {self.probe_node_type} registered")
+        self.browser.evaluate(INSTALL_PROBE)
+        # let the boot finish what it does asynchronously (1.47 checks the models of its default graph, fetching
+        # their URLs), so none of it lands in what a test measures next
+        self.settle()
+        return self.browser.log.since(mark)
+
+    def load_template(self, module: str, name: str) -> dict:
+        return self.browser.evaluate(LOAD_TEMPLATE % (js(module), js(name)), timeout=120)
+
+    def graph_to_prompt(self) -> dict:
+        return self.browser.evaluate("app.graphToPrompt().then(prompt => prompt.output)")
+
+    def dialog_texts(self) -> list[str]:
+        return self.browser.evaluate(DIALOG_TEXTS)
+
+    def missing_in_stores(self) -> dict:
+        return self.browser.evaluate(MISSING_IN_STORES)
+
+    def missing_models_report(self) -> str:
+        """What the frontend shows about missing models: its dialogs' text (1.27, 1.35) and the names in its
+        missing-model store (1.47)."""
+        return "\n".join(self.dialog_texts() + (self.missing_in_stores()["models"] or []))
+
+    def wait_for_missing_models(self, names: list[str], timeout: float) -> str:
+        """Wait until every name appears in `missing_models_report()` (the dialog opens after the load); returns
+        the last report either way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            report = self.missing_models_report()
+            if all(name in report for name in names) or time.monotonic() > deadline:
+                return report
+            time.sleep(0.25)
+
+    def close_dialogs(self) -> int:
+        return self.browser.evaluate(CLOSE_DIALOGS)
+
+    def fit_view(self) -> None:
+        self.browser.evaluate(FIT_VIEW)
+
+    def settle(self, quiet: float = 1.5, timeout: float = 20) -> None:
+        """Wait until the page has reported nothing new for `quiet` seconds (at most `timeout`): late dialogs,
+        requests and errors of a load land before the test looks."""
+        deadline = time.monotonic() + timeout
+        count, since = self.browser.log.mark(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = self.browser.log.mark()
+            if now != count:
+                count, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
