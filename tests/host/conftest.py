@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from mv4d.runner.local_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,12 +132,6 @@ def write_input_video(path: Path, frames: int = 6) -> None:
             container.mux(packet)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A ComfyUI server on 127.0.0.1 that loads this checkout in place as custom node pack 'mv4d'."""
@@ -155,7 +150,7 @@ def comfy_server(tmp_path_factory):
     write_input_views(base / "input" / "mv4d_views")
     paths = base / "extra_model_paths.yaml"
     paths.write_text(f"mv4d_tests:\n  base_path: {base}\n  custom_nodes: custom_nodes\n")
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
         "--extra-model-paths-config", str(paths), "--input-directory", str(base / "input"),

@@ -20,6 +20,7 @@ import pytest
 from mv4d_host_helpers import get_json, load_api_workflow, on_tiny_models, post_prompt, view, wait_for_history
 
 from mv4d.runner.cli import main
+from mv4d.runner.local_server import free_port
 
 
 @pytest.fixture
@@ -206,9 +207,7 @@ def test_ctrl_c_while_our_prompt_runs_interrupts_it(comfy_server, tmp_path):
 
 def test_an_unreachable_server_is_a_clear_error(tmp_path, capsys, comfy_server):
     solid_images(tmp_path / "in", {"a": (1, 2, 3)})
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there
     code, stderr, manifest = run(capsys, write_workflow(tmp_path / "flow.json", invert_workflow("x")), tmp_path / "in",
                                  "--output", tmp_path / "out", "--server", f"http://127.0.0.1:{port}")
     assert code == 2 and manifest is None

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import socket
 import sys
 import textwrap
 import threading
@@ -13,18 +12,13 @@ from runner_fake_comfyui import FakeComfyUI, image_workflow
 from runner_helpers import write_png
 
 from mv4d.runner.cli import main
+from mv4d.runner.local_server import free_port
 
 HERE = Path(__file__).resolve().parent
 
 
 def inputs(folder: Path, *names: str, payloads: dict | None = None) -> list[Path]:
     return [write_png(folder / f"{name}.png", (payloads or {}).get(name, b"")) for name in names]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_a_batch_runs_every_item_and_downloads_every_output(fake, workflow_file, run_cli, tmp_path):
