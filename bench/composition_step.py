@@ -4,12 +4,16 @@ Real-size SVD-XT and SV3D_p UNets are built from ComfyUI's own classes with the 
 parameters each; random weights: compute does not depend on the values), in bf16. A 21-view x 25-frame grid of
 576 px (72 x 72 latents) with CFG on both models is denoised once by:
   - "fast": MV4D Composed Guider with automatic chunks (as many videos / multi-view sets per UNet call as fit);
-  - "plain": the same guider with one video / one multi-view set per call (the per-row / per-column reference).
+  - "plain": the same guider with one video / one multi-view set per call (the per-row / per-column reference);
+  - "fp8": "fast" with both models through MV4D FP8 Matmuls (optional speed-up; changes the result);
+  - "alternate": "fast" with alternate_models (optional speed-up: one model per evaluation; changes the result),
+    timed over the evaluations after the first (one runs the video model, the next the multi-view model).
 Reports seconds per step, UNet FLOPs (torch's flop counter), achieved TFLOP/s, the share of the step outside the
 UNets (CUDA events around every UNet forward), peak VRAM, and the projected image -> 4D time. One JSON line.
 
     python -P bench/composition_step.py                        # paper setting, CUDA
     python -P bench/composition_step.py --memory-cap-gib 24    # as on a 24 GB card (another process holds the rest)
+    python -P bench/composition_step.py --paths fast,fp8,alternate --no-flops   # the optional speed-ups, side by side
     OMP_NUM_THREADS=1 python -P bench/composition_step.py --tiny --views 3 --frames 4 --size 64   # CPU smoke run
 
 Needs a ComfyUI source tree at $COMFYUI_DIR or ~/ComfyUI (its Python requirements installed).
@@ -107,6 +111,74 @@ class UNetTimer:
         return seconds
 
 
+KERNEL_KINDS = (  # CUDA kernel name fragments -> where the time goes
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("gemm / convolution", ("gemm", "sm90_", "sm80_", "cutlass", "xmma", "conv", "implicit", "nchwtonhwc", "nhwctonchw", "cudnn", "scaled_mm")),
+    ("fused (triton)", ("triton",)),
+    ("norms", ("norm",)),
+)
+
+
+def kernel_time_shares(events) -> dict:
+    """Share of CUDA kernel time by kind, from torch.profiler's key averages (fused triton kernels of compiled code
+    hold elementwise work, norms and reductions together)."""
+    totals: dict[str, float] = {}
+    for event in events:
+        name, us = event.key.lower(), event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+        if us <= 0 or name.startswith(("profilerstep", "aten::", "cuda")):
+            continue
+        kind = next((kind for kind, fragments in KERNEL_KINDS if any(f in name for f in fragments)), "other elementwise")
+        totals[kind] = totals.get(kind, 0.0) + us
+    whole = sum(totals.values()) or 1.0
+    return {"kernel_seconds": round(whole / 1e6, 3), **{kind: round(us / whole, 3) for kind, us in sorted(totals.items(), key=lambda kv: -kv[1])}}
+
+
+class PeakVram:
+    """The CUDA allocation peak since start(), although the composed guider resets CUDA's peak statistic when it
+    measures a call of a new size: every reset first adds the peak so far."""
+
+    def __init__(self):
+        self.before_resets = 0
+        original = torch.cuda.reset_peak_memory_stats
+
+        def reset_keeping_the_peak(device=None):
+            self.before_resets = max(self.before_resets, torch.cuda.max_memory_allocated(device))
+            original(device)
+
+        self.reset = original
+        torch.cuda.reset_peak_memory_stats = reset_keeping_the_peak
+
+    def start(self) -> None:
+        self.before_resets = 0
+        self.reset()
+
+    def gib(self) -> float:
+        return round(max(self.before_resets, torch.cuda.max_memory_allocated()) / 2**30, 2)
+
+
+class BatchSizes:
+    """The batch of every UNet call per model (to report what automatic chunking chose)."""
+
+    def __init__(self):
+        import comfy.samplers
+
+        self.calls: list[tuple[str, int]] = []
+        original = comfy.samplers.calc_cond_batch
+
+        def recorded(model, conds, x, *args, **kwargs):
+            self.calls.append((type(model).__name__, x.shape[0]))
+            return original(model, conds, x, *args, **kwargs)
+
+        comfy.samplers.calc_cond_batch = recorded
+
+    def take(self) -> dict:
+        sizes: dict[str, list[int]] = {}
+        for name, batch in self.calls:
+            sizes.setdefault(name, []).append(batch)
+        self.calls.clear()
+        return sizes
+
+
 def time_row_decode(frames: int, latent: int, cuda: bool) -> float:
     """Seconds to decode one row (a video at one view), as MV4D Decode Grid does, with SVD's VAE architecture
     (ComfyUI builds it, temporal decoder included, when it sees this key; random weights)."""
@@ -134,7 +206,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
-    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, fp8, alternate")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
     parser.add_argument("--compile", action="store_true",
@@ -143,7 +215,8 @@ def main() -> None:
                         help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
     parser.add_argument("--decode", action="store_true",
                         help="also time decoding one row (all frames) with SVD's real-size temporal VAE decoder")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one fast step (torch.profiler)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one fast step (torch.profiler): top kernels to stderr, time shares by kernel kind in the JSON")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -168,6 +241,7 @@ def main() -> None:
     noise = torch.randn(args.views * args.frames, 4, latent, latent, generator=torch.Generator().manual_seed(1))
     empty = torch.zeros_like(noise)
     sigmas = torch.tensor([700.0, 500.0])  # one Euler step: one joint evaluation
+    alternate_sigmas = torch.tensor([700.0, 500.0, 350.0, 250.0])
     sampler = comfy.samplers.sampler_object("euler")
     if args.compile:
         from comfy_api.torch_helpers import set_torch_compile_wrapper
@@ -183,10 +257,20 @@ def main() -> None:
               "views": args.views, "frames": args.frames, "size": args.size, "tiny": args.tiny,
               "memory_cap_gib": args.memory_cap_gib or None, "compile": args.compile, "per_call": args.per_call, "build_seconds": round(build_seconds, 1)}
 
-    def run(per_call: tuple[int, int]) -> tuple[ComposedGuider, float]:
-        guider = ComposedGuider(video_model, multiview_model, conditioning,
-                                GuiderSettings(schedule, (1.5, 3.0), (2.5, 2.5), *per_call))
-        seconds = {}
+    fp8_models = None
+    if "fp8" in args.paths.split(","):
+        from mv4d.nodes.fp8_matmuls import with_fp8_matmuls
+
+        fp8_models = (with_fp8_matmuls(video_model), with_fp8_matmuls(multiview_model))
+    batch_sizes = BatchSizes()
+    peak = PeakVram() if cuda else None
+
+    def run(path: str, per_call: tuple[int, int]) -> float:
+        """One joint evaluation (for "alternate": three, timed over the last two); its seconds."""
+        models = fp8_models if path == "fp8" else (video_model, multiview_model)
+        guider = ComposedGuider(*models, conditioning, GuiderSettings(schedule, (1.5, 3.0), (2.5, 2.5), *per_call,
+                                                                      alternate_models=path == "alternate"))
+        seconds = []
         original = guider.predict_noise
 
         def timed_predict(*a, **k):
@@ -196,44 +280,48 @@ def main() -> None:
             out = original(*a, **k)
             if cuda:
                 torch.cuda.synchronize()
-            seconds["step"] = time.perf_counter() - start
+            seconds.append(time.perf_counter() - start)
             return out
 
         guider.predict_noise = timed_predict
         with torch.inference_mode():
-            guider.sample(noise, empty, sampler, sigmas, disable_pbar=True, seed=0)
-        return guider, seconds["step"]
+            guider.sample(noise, empty, sampler, alternate_sigmas if path == "alternate" else sigmas, disable_pbar=True, seed=0)
+        return sum(seconds[1:]) / len(seconds[1:]) if path == "alternate" else seconds[0]
 
     flops = None
     for path in [p for p in args.paths.split(",") if p]:
-        per_call = {"fast": tuple(int(n) for n in args.per_call.split(",")), "plain": (1, 1)}[path]
+        per_call = (1, 1) if path == "plain" else tuple(int(n) for n in args.per_call.split(","))
         started = time.perf_counter()
-        run(per_call)  # warm-up (model loading, allocator, kernel selection, compilation)
+        run(path, per_call)  # warm-up (model loading, allocator, kernel selection, measuring chunk memory, compiling)
         warm_up = time.perf_counter() - started
         if timer:
             timer.take_seconds()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        batch_sizes.take()
+        if peak:
+            peak.start()
         steps, unet = [], []
         for _ in range(args.repeats):
-            steps.append(run(per_call)[1])
+            steps.append(run(path, per_call))
             unet.append(timer.take_seconds() if timer else float("nan"))
         step = min(steps)
         entry = {"step_seconds": round(step, 3), "steps_seconds": [round(s, 3) for s in steps],
-                 "warm_up_seconds": round(warm_up, 1)}
-        if timer:
+                 "warm_up_seconds": round(warm_up, 1),
+                 "batches": {name: sorted(set(sizes)) for name, sizes in batch_sizes.take().items()}}
+        if timer and path != "alternate":
             entry["unet_seconds"] = round(unet[steps.index(step)], 3)
             entry["outside_unet_share"] = round(1 - unet[steps.index(step)] / step, 4)
         if cuda:
-            entry["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            entry["peak_vram_gib"] = peak.gib()
+            entry["weights_loaded_gib"] = {type(m.model).__name__: [round(m.loaded_size() / 2**30, 2), round(m.model_size() / 2**30, 2)]
+                                           for m in (video_model, multiview_model)}
         if path == "fast" and not args.no_flops:
             from torch.utils.flop_counter import FlopCounterMode
 
             with FlopCounterMode(display=False) as counter:
-                run(per_call)
+                run(path, per_call)
             flops = counter.get_total_flops()
             result["step_tflop"] = round(flops / 1e12, 1)
-        if flops:
+        if flops and path in ("fast", "plain"):
             entry["tflops_per_s"] = round(flops / step / 1e12, 1)
             if "unet_seconds" in entry:
                 entry["unet_tflops_per_s"] = round(flops / entry["unet_seconds"] / 1e12, 1)
@@ -241,8 +329,10 @@ def main() -> None:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as recorder:
-                run(per_call)
-            print(recorder.key_averages().table(sort_by="cuda_time_total", row_limit=15), file=sys.stderr)
+                run(path, per_call)
+            events = recorder.key_averages()
+            print(events.table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+            entry["kernel_time_shares"] = kernel_time_shares(events)
         result[path] = entry
         print(json.dumps({path: entry}), file=sys.stderr, flush=True)  # partial results survive a time limit
     if args.decode:
@@ -250,6 +340,9 @@ def main() -> None:
         result["projected_decode_seconds"] = round(result["decode_row_seconds"] * args.views, 1)
     if "fast" in result and "plain" in result:
         result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
+    for path in ("fp8", "alternate"):  # the optional speed-ups against the exact fast path of the same run
+        if "fast" in result and path in result:
+            result[f"speedup_{path}_vs_fast"] = round(result["fast"]["step_seconds"] / result[path]["step_seconds"], 3)
     if "fast" in result:
         # 50 steps, the first 10 evaluated twice (rollback): 60 joint evaluations; the reference row and column
         # cost one row / one column per step with CFG (about 2 / (V + F) of a joint step each)

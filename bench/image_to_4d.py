@@ -5,6 +5,7 @@ bare GPU machine. Real-size architectures with random weights (no checkpoints he
 memory, never image quality. Reduced steps by default; one JSON line.
 
     python -P bench/image_to_4d.py --steps 5 --fit-iterations 500            # paper grid, reduced steps (CUDA)
+    python -P bench/image_to_4d.py --memory-cap-gib 24                      # as on a 24 GB card
     OMP_NUM_THREADS=1 python -P bench/image_to_4d.py --tiny --views 3 --frames 3 --size 64 --steps 2 --fit-iterations 20
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # python -P leaves this folder off the path
-from composition_step import import_host  # noqa: E402
+from composition_step import PeakVram, hold_gpu_memory_except, import_host  # noqa: E402
 
 
 def real_clip_vision():
@@ -54,9 +55,14 @@ def main() -> None:
     parser.add_argument("--per-call", default="0,0", help="videos and multi-view sets per UNet call (0: as many as fit)")
     parser.add_argument("--fit-iterations", type=int, default=500, help="(paper: 5000)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run)")
+    parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
+    holder = hold_gpu_memory_except(args.memory_cap_gib) if cuda and args.memory_cap_gib else None
+    if cuda and args.memory_cap_gib:
+        total_memory = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total_memory))
     guider_module = import_host(cpu=not cuda)
     import importlib
 
@@ -71,15 +77,20 @@ def main() -> None:
     conditioning = importlib.import_module("mv4d.nodes.grid_conditioning")
     dtype = torch.bfloat16 if cuda else torch.float32
     seconds: dict[str, float] = {}
+    peak_gib: dict[str, float] = {}
+    peak = PeakVram() if cuda else None
 
     @contextmanager
     def timed(name):
+        """Seconds and CUDA allocation peak of a stage."""
         if cuda:
             torch.cuda.synchronize()
+            peak.start()
         start = time.perf_counter()
         yield
         if cuda:
             torch.cuda.synchronize()
+            peak_gib[name] = peak.gib()
         seconds[name] = round(time.perf_counter() - start, 2)
 
     with timed("build_models"):
@@ -136,7 +147,10 @@ def main() -> None:
                       "size": args.size, "steps": args.steps, "rollback_steps": args.rollback_steps,
                       "fit_iterations": args.fit_iterations, "tiny": args.tiny, "seconds": seconds,
                       "total_seconds_without_building": round(total, 1), "gaussians": fit.history[-1] if fit.history else None,
-                      "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}))
+                      "memory_cap_gib": args.memory_cap_gib or None, "peak_vram_gib_by_stage": peak_gib,
+                      "peak_vram_gib": max(peak_gib.values()) if peak_gib else None}))
+    if holder:
+        holder.kill()
 
 
 if __name__ == "__main__":

@@ -118,6 +118,31 @@ def chunks(total: int, per_chunk: int) -> list[tuple[int, int]]:
     return [(first, min(first + per_chunk, total)) for first in range(0, total, per_chunk)]
 
 
+def items_that_fit(peak_bytes: dict[int, float], room: float) -> int:
+    """How many items (videos, multi-view sets) one call can take within `room` bytes, from measured calls
+    {items: peak bytes}. Memory is taken as affine in the item count, fixed + per_item * n, fitted through the two
+    largest measured calls; one call alone is all per-item cost (an overestimate: the fixed part is counted n times).
+    It grows at most to 2n + 1 beyond the largest measured n, so a misjudged line is corrected by the next
+    measurement before it can cost much."""
+    largest = sorted(peak_bytes)[-2:]
+    n2, b2 = largest[-1], peak_bytes[largest[-1]]
+    per_item, fixed = b2 / n2, 0.0
+    if len(largest) == 2:
+        n1, b1 = largest[0], peak_bytes[largest[0]]
+        slope = (b2 - b1) / (n2 - n1)
+        if slope > 0:
+            per_item, fixed = slope, max(0.0, b2 - slope * n2)
+    return max(1, min(int((room - fixed) // per_item), 2 * n2 + 1))
+
+
+def balanced_chunk(total: int, fit: int) -> int:
+    """The chunk size that covers `total` items in the fewest calls of at most `fit` items, with the calls as even
+    as possible (21 rows with room for 8: 7 + 7 + 7 rather than 8 + 8 + 5, a lower peak for the same call count)."""
+    fit = max(1, min(fit, total))
+    calls = -(-total // fit)
+    return -(-total // calls)
+
+
 # The sampler.
 
 Denoiser = Callable[..., torch.Tensor]

@@ -8,12 +8,13 @@ from .epipolar import EpipolarMask, PreviewEpipolarMask
 from .host import register_model_folders
 from .load_multiview import LoadMultiviewImages
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
+from .speed import Fp8MatmulsNode
 from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
 
 NODES: list[type[io.ComfyNode]] = [
     OrbitCameras, LoadCameraTrajectory, EpipolarMask, PreviewEpipolarMask,
     LoadMultiviewImages, ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
-    SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid,
+    SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
     Fit4DGaussians, Render4D, Save4D, Load4D,
 ]
 

@@ -8,8 +8,11 @@ management loads, offloads and accounts for both.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import comfy.conds
 import comfy.model_management as model_management
@@ -20,12 +23,43 @@ import comfy.samplers
 import torch
 from einops import rearrange
 
-from ..kernels.composition import (CompositionSchedule, cfg_scales, check_descending, chunks, columns, model_weights,
-                                   multiview_weight, rows, step_of_sigma)
+from ..kernels.composition import (CompositionSchedule, balanced_chunk, cfg_scales, check_descending, chunks, columns,
+                                   items_that_fit, model_weights, multiview_weight, rows, step_of_sigma)
 from .node_errors import input_error, kernel_errors_as_node_errors
 
 GUIDER = "MV4D Composed Guider"
 MULTIVIEW_MODEL_KEY = "mv4d_multiview_model"
+# Automatic chunks use at most this share of free memory for one call's activations; the rest absorbs allocator
+# fragmentation and what a measured call cannot show.
+FREE_MEMORY_SHARE = 0.85
+# What UNet calls of a model really allocated, kept while the model lives: {BaseModel: {(passes, items per group,
+# latent shape, dtype): CallMemory}}. ComfyUI's own memory_required is a worst-case formula (about 6x what SVD-XT
+# uses at 576 px with PyTorch attention), so sizing by it alone runs one video per call on a 24 GB card.
+MEASURED_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class CallMemory:
+    peak_bytes: dict[int, float] = field(default_factory=dict)  # items per call -> CUDA allocation peak, measured once
+    out_of_memory_at: int | None = None  # the smallest call that ran out of memory (fragmentation, other users)
+
+
+class PeakMemory:
+    """The CUDA allocation peak of a block above what was allocated when it began (None off CUDA, and for the
+    meta device: not measured). It resets CUDA's peak statistic."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, None
+
+    @contextmanager
+    def measure(self):
+        if self.device.type != "cuda":
+            yield self
+            return
+        base = torch.cuda.memory_allocated(self.device)  # the allocator's host-side counters: no device sync
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield self
+        self.bytes = torch.cuda.max_memory_allocated(self.device) - base
 
 
 @dataclass(frozen=True)
@@ -59,6 +93,9 @@ class GuiderSettings:
     # optional speed-up (changes the result): classifier-free guidance only while sigma lies in this interval;
     # outside it the unconditional pass is skipped. The default interval holds every sigma (off).
     guidance_sigmas: tuple[float, float] = (0.0, math.inf)
+    # optional speed-up (changes the result): each evaluation runs one of the two models and reuses the other's
+    # prediction from the evaluation before (about half the UNet work per step)
+    alternate_models: bool = False
 
 
 def _slice_conds(conds: list[dict], first: int, end: int, batch: int, group: int) -> list[dict]:
@@ -96,6 +133,7 @@ class ComposedGuider(comfy.samplers.CFGGuider):
             "negative": comfy.sampler_helpers.convert_cond(grid.multiview_negative),
         }
         self.weights_log: list[tuple[int, float, float]] = []  # (step, sigma, multi-view weight s) per evaluation
+        self.predictions: dict[str, tuple[int, torch.Tensor]] = {}
 
     def _size_for_one_video(self, executor, model, noise_shape, conds, *args, **kwargs):
         return executor(model, (self.grid.frames, *noise_shape[1:]), conds, *args, **kwargs)
@@ -128,11 +166,13 @@ class ComposedGuider(comfy.samplers.CFGGuider):
             comfy.sampler_helpers.prepare_model_patcher(self.multiview_patcher, self.multiview_conds, self.multiview_options)
             self.sample_sigmas = sigmas
             self.weights_log = []
+            self.predictions = {}  # role -> (evaluation, x0 of the whole grid, view-major)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, *args, **kwargs)
         finally:
             self.multiview_patcher.cleanup()
             self.multiview_patcher.restore_hook_patches()
             self.multiview_conds = self.multiview_inner = None
+            self.predictions = {}
 
     def predict_noise(self, x, timestep, model_options=None, seed=None):
         model_options = model_options if model_options is not None else {}
@@ -145,38 +185,106 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         guided = settings.guidance_sigmas[0] <= sigma <= settings.guidance_sigmas[1]
         video_cfg, multiview_cfg = (settings.video_cfg, settings.multiview_cfg) if guided else ((1.0, 1.0), (1.0, 1.0))
 
+        evaluation = len(self.weights_log) - 1
+        # a model with weight 0 everywhere this step is not evaluated at all
+        active = {"video": bool((video_weight > 0).any()), "multiview": bool((multiview_weight_ > 0).any())}
+        for role in ("video", "multiview"):
+            if active[role] and self._needs_evaluation(role, evaluation, both_active=all(active.values())):
+                if role == "video":
+                    prediction = self._video_prediction(x, timestep, model_options, video_cfg)
+                else:
+                    prediction = self._multiview_prediction(x, timestep, multiview_cfg)
+                self.predictions[role] = (evaluation, prediction)
         denoised = torch.zeros_like(x)
-        if bool((video_weight > 0).any()):  # a model with weight 0 everywhere this step is not evaluated at all
-            per_call = self._per_call(self.inner_model, x, grid.frames, grid.views, settings.videos_per_call, video_cfg)
-            for first, end in chunks(grid.views, per_call):
-                model_management.throw_exception_if_processing_interrupted()
-                prediction = self._denoise(self.inner_model, self.conds, model_options, rows(x, grid.frames, first, end),
-                                           first * grid.frames, end * grid.frames, grid.frames, video_cfg, timestep)
-                weight = video_weight[first:end].repeat_interleave(grid.frames)
-                denoised[first * grid.frames:end * grid.frames] += weight.view(-1, 1, 1, 1) * prediction
-        if bool((multiview_weight_ > 0).any()):
-            per_call = self._per_call(self.multiview_inner, x, grid.views, grid.frames, settings.multiview_sets_per_call, multiview_cfg)
-            by_cell = rearrange(denoised, "(v f) ... -> v f ...", f=grid.frames)
-            for first, end in chunks(grid.frames, per_call):
-                model_management.throw_exception_if_processing_interrupted()
-                prediction = self._denoise(self.multiview_inner, self.multiview_conds, self.multiview_options,
-                                           columns(x, grid.frames, first, end), first * grid.views, end * grid.views,
-                                           grid.views, multiview_cfg, timestep)
-                prediction = rearrange(prediction, "(f v) ... -> v f ...", v=grid.views)
-                by_cell[:, first:end] += multiview_weight_.view(-1, 1, 1, 1, 1) * prediction
+        if active["video"]:
+            denoised += video_weight.repeat_interleave(grid.frames).view(-1, 1, 1, 1) * self.predictions["video"][1]
+        if active["multiview"]:
+            denoised += multiview_weight_.repeat_interleave(grid.frames).view(-1, 1, 1, 1) * self.predictions["multiview"][1]
         return denoised
 
-    def _per_call(self, model, x, group: int, total: int, requested: int, cfg: tuple[float, float]) -> int:
-        """Videos (or multi-view sets) per UNet call: as asked, or as many as fit in free memory (ComfyUI's own
-        estimate with its 1.5x margin, cond and uncond batched together)."""
+    def _needs_evaluation(self, role: str, evaluation: int, both_active: bool) -> bool:
+        """Always, unless alternate_models is on: then, while both models count, each evaluation runs one of them
+        (video on even, multi-view on odd evaluations) and reuses the other's prediction from the evaluation just
+        before. A model whose last prediction is older than that is always run."""
+        if not (self.settings.alternate_models and both_active):
+            return True
+        last = self.predictions.get(role)
+        if last is None or last[0] != evaluation - 1:
+            return True
+        return (evaluation % 2 == 0) == (role == "video")
+
+    def _video_prediction(self, x, timestep, model_options, cfg) -> torch.Tensor:
+        """The video model's guided x0 of every row, view-major like the grid."""
+        grid = self.grid
+        prediction = torch.empty_like(x)
+
+        def evaluate(first: int, end: int) -> None:
+            prediction[first * grid.frames:end * grid.frames] = self._denoise(
+                self.inner_model, self.conds, model_options, rows(x, grid.frames, first, end),
+                first * grid.frames, end * grid.frames, grid.frames, cfg, timestep)
+
+        self._run_in_chunks(self.inner_model, x, grid.frames, grid.views, self.settings.videos_per_call, cfg, evaluate)
+        return prediction
+
+    def _multiview_prediction(self, x, timestep, cfg) -> torch.Tensor:
+        """The multi-view model's guided x0 of every column, put back in the grid's view-major order."""
+        grid = self.grid
+        prediction = torch.empty_like(x)
+        by_cell = rearrange(prediction, "(v f) ... -> v f ...", f=grid.frames)
+
+        def evaluate(first: int, end: int) -> None:
+            column_prediction = self._denoise(self.multiview_inner, self.multiview_conds, self.multiview_options,
+                                              columns(x, grid.frames, first, end), first * grid.views, end * grid.views,
+                                              grid.views, cfg, timestep)
+            by_cell[:, first:end] = rearrange(column_prediction, "(f v) ... -> v f ...", v=grid.views)
+
+        self._run_in_chunks(self.multiview_inner, x, grid.views, grid.frames, self.settings.multiview_sets_per_call, cfg, evaluate)
+        return prediction
+
+    def _run_in_chunks(self, model, x, group: int, total: int, requested: int, cfg: tuple[float, float], evaluate) -> None:
+        """evaluate(first, end) over all `total` videos (or multi-view sets), `requested` per UNet call, or
+        automatically as many as fit: the first calls are sized by ComfyUI's estimate (with its 1.5x margin, cond
+        and uncond batched together), every call of a size not seen before is measured, and later calls are sized
+        by those measurements, so chunks grow to what really fits within a few steps. An automatic call that still
+        runs out of memory is split in half and redone (the result does not depend on the chunks), and no later
+        call of that model is as large again."""
         if requested > 0:
-            return min(requested, total)
+            for first, end in chunks(total, requested):
+                model_management.throw_exception_if_processing_interrupted()
+                evaluate(first, end)
+            return
         passes = 1 if cfg == (1.0, 1.0) else 2
+        memory = MEASURED_CALLS.setdefault(model, {}).setdefault((passes, group, tuple(x.shape[1:]), x.dtype), CallMemory())
         free = model_management.get_free_memory(x.device)
-        for per_call in range(total, 0, -1):
-            if model.memory_required([passes * per_call * group, *x.shape[1:]]) * 1.5 < free:
-                return per_call
-        return 1
+        if memory.peak_bytes:
+            fit = items_that_fit(memory.peak_bytes, free * FREE_MEMORY_SHARE)
+        else:
+            fit = next((n for n in range(total, 0, -1)
+                        if model.memory_required([passes * n * group, *x.shape[1:]]) * 1.5 < free), 1)
+        if memory.out_of_memory_at:
+            fit = min(fit, memory.out_of_memory_at - 1)
+        size, first = balanced_chunk(total, fit), 0
+        while first < total:
+            model_management.throw_exception_if_processing_interrupted()
+            end = min(first + size, total)
+            out_of_memory, measuring = False, end - first not in memory.peak_bytes
+            try:
+                with PeakMemory(x.device if measuring else torch.device("meta")).measure() as peak:
+                    evaluate(first, end)
+            except torch.OutOfMemoryError:
+                if end - first == 1:
+                    raise
+                out_of_memory = True  # handled below, once the exception has let go of the call's tensors
+            if out_of_memory:
+                memory.out_of_memory_at = min(end - first, memory.out_of_memory_at or end - first)
+                model_management.soft_empty_cache()
+                size = (end - first) // 2
+                logging.warning("%s: a call of %d items ran out of GPU memory; redoing it %d at a time (the result "
+                                "does not change)", GUIDER, end - first, size)
+                continue
+            if peak.bytes:
+                memory.peak_bytes[end - first] = peak.bytes
+            first = end
 
     def _denoise(self, model, conds, model_options, x, first: int, end: int, group: int, cfg: tuple[float, float], timestep):
         """Classifier-free guided x0 of a batch of whole videos / multi-view sets (batch items first..end-1 of the

@@ -208,6 +208,11 @@ class ComposedGuiderNode(io.ComfyNode):
                                        "work). It changes the result; its effect on real-model quality is not measured."),
                 io.Float.Input("guidance_sigma_max", default=1000.0, min=0.0, max=1000.0, step=0.001,
                                tooltip="Upper end of the CFG interval (1000: above SVD/SV3D's 700, i.e. every step is guided)."),
+                io.Boolean.Input("alternate_models", default=False, optional=True,
+                                 tooltip="Optional speed-up, off by default: each evaluation runs only one of the two models "
+                                         "(video, then multi-view, in turn) and reuses the other's prediction from the "
+                                         "evaluation before: about half the UNet work. It changes the result; its effect "
+                                         "on real-model quality is not measured."),
             ],
             outputs=[io.Guider.Output("guider", tooltip="For SamplerCustomAdvanced, with the grid latent of MV4D Grid Conditioning.")],
         )
@@ -216,7 +221,7 @@ class ComposedGuiderNode(io.ComfyNode):
     def execute(cls, video_model, multiview_model, grid_conditioning, video_cfg_first, video_cfg_last,
                 multiview_cfg_first, multiview_cfg_last, schedule, multiview_weight, weight_start, weight_end,
                 logistic_k, logistic_center, per_view_weights, videos_per_call, multiview_sets_per_call,
-                guidance_sigma_min=0.0, guidance_sigma_max=1000.0) -> io.NodeOutput:
+                guidance_sigma_min=0.0, guidance_sigma_max=1000.0, alternate_models=False) -> io.NodeOutput:
         if guidance_sigma_min > guidance_sigma_max:
             raise input_error(GUIDER, "guidance_sigma_min", f"{guidance_sigma_min} is above guidance_sigma_max {guidance_sigma_max}",
                               "set guidance_sigma_min <= guidance_sigma_max (or 0 and 1000 to guide every step)")
@@ -230,7 +235,8 @@ class ComposedGuiderNode(io.ComfyNode):
             composition = CompositionSchedule(schedule, multiview_weight, weight_start, weight_end, logistic_k,
                                               logistic_center, per_view_weights)
         settings = GuiderSettings(composition, (video_cfg_first, video_cfg_last), (multiview_cfg_first, multiview_cfg_last),
-                                  videos_per_call, multiview_sets_per_call, (guidance_sigma_min, guidance_sigma_max))
+                                  videos_per_call, multiview_sets_per_call, (guidance_sigma_min, guidance_sigma_max),
+                                  alternate_models)
         return io.NodeOutput(ComposedGuider(video_model, multiview_model, grid_conditioning, settings))
 
 

@@ -22,6 +22,11 @@ def compute_device() -> torch.device:
     return model_management.get_torch_device()
 
 
+def device_name(device: torch.device) -> str:
+    """What ComfyUI calls the device in its start-up log, e.g. 'cuda:0 NVIDIA GeForce RTX 3090 : cudaMallocAsync'."""
+    return model_management.get_torch_device_name(device)
+
+
 def make_room(device: torch.device, bytes_needed: int) -> None:
     """Ask ComfyUI to unload models until about `bytes_needed` is free on the device (no-op on the CPU)."""
     if device.type == "cuda":

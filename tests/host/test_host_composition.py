@@ -223,6 +223,65 @@ def test_automatic_chunks_follow_free_memory(mv4d_nodes, models, cameras, refere
     assert min(video_batches) < VIEWS * FRAMES  # it did split
 
 
+def test_automatic_chunks_grow_to_the_measured_memory_of_earlier_calls(mv4d_nodes, models, cameras, references, monkeypatch):
+    """The first automatic calls of each model are sized by ComfyUI's (worst-case) estimate and measured; later
+    steps are sized by what calls really allocated. CUDA's allocator statistics are faked here as 2 kB + 10 kB per
+    video / multi-view set (the GPU lane measures for real); the grid must not change."""
+    import weakref
+
+    import comfy.model_management
+    import mv4d.nodes.composed_guider as composed
+
+    with spy_on_unet_calls() as calls:
+        class FakePeakMemory:
+            def __init__(self, device):
+                self.bytes = None
+
+            @contextmanager
+            def measure(self):
+                yield self
+                name, batch = calls[-1][:2]
+                self.bytes = 2_000 + 10_000 * batch // (FRAMES if name == "SVD_img2vid" else VIEWS)
+
+        monkeypatch.setattr(composed, "PeakMemory", FakePeakMemory)
+        monkeypatch.setattr(composed, "MEASURED_CALLS", weakref.WeakKeyDictionary())
+        room = (2_000 + 10_000 * 2.5) / composed.FREE_MEMORY_SHARE  # 2 items fit; far below ComfyUI's estimate
+        monkeypatch.setattr(comfy.model_management, "get_free_memory",
+                            lambda device=None, torch_free_too=False: (room, room) if torch_free_too else room)
+        conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
+        noise = grid_noise(4)
+        grid = sample(composed_guider(mv4d_nodes, models, conditioning), noise, latent, sigmas=karras_sigmas(3))
+    video = [call[1] // FRAMES for call in calls if call[0] == "SVD_img2vid"]
+    multiview = [call[1] // VIEWS for call in calls if call[0] == "SV3D_p"]
+    # step 1: one per call (ComfyUI's estimate); step 2: 12 kB per item measured -> 2 fit; step 3: the line says 2
+    assert video == [1] * VIEWS + [2, 2] + [2, 2], video
+    assert multiview == [1] * FRAMES + [2, 1] + [2, 1], multiview
+    assert [memory.peak_bytes for memory in composed.MEASURED_CALLS[models["svd"][0].model].values()] == [{1: 12_000, 2: 22_000}]
+    one_per_call = sample(composed_guider(mv4d_nodes, models, conditioning, videos_per_call=1, multiview_sets_per_call=1),
+                          noise, latent, sigmas=karras_sigmas(3))
+    assert (grid - one_per_call).abs().max() < TOLERANCE
+
+
+def test_alternate_models_runs_one_model_per_evaluation(mv4d_nodes, models, cameras, references):
+    """The optional speed-up: after the first evaluation each one runs only one model, in turn, and reuses the
+    other's previous prediction. With a single model active it changes nothing."""
+    conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
+    noise, all_at_once = grid_noise(8), dict(videos_per_call=4096, multiview_sets_per_call=4096)
+    runs = {}
+    for alternate in (False, True):
+        guider = composed_guider(mv4d_nodes, models, conditioning, alternate_models=alternate, **all_at_once)
+        with spy_on_unet_calls() as calls:
+            runs[alternate] = sample(guider, noise, latent)
+        runs[alternate, "models"] = [call[0] for call in calls]
+    assert runs[False, "models"] == ["SVD_img2vid", "SV3D_p"] * STEPS
+    assert runs[True, "models"] == ["SVD_img2vid", "SV3D_p", "SV3D_p", "SVD_img2vid", "SV3D_p"][:STEPS + 1]
+    assert torch.isfinite(runs[True]).all() and not torch.allclose(runs[True], runs[False], atol=1e-3)
+    video_only = dict(schedule="constant", multiview_weight=0.0, per_view_weights=False, **all_at_once)
+    plain, alternated = (sample(composed_guider(mv4d_nodes, models, conditioning, alternate_models=alternate, **video_only),
+                                noise, latent) for alternate in (False, True))
+    assert torch.equal(plain, alternated)
+
+
 def test_guidance_interval_skips_the_unconditional_pass_outside_it(mv4d_nodes, models, cameras, references):
     """The optional speed-up: outside [guidance_sigma_min, max] a step runs cond only, exactly CFG 1 there."""
     conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
@@ -396,3 +455,66 @@ def test_sigmas_that_do_not_descend_are_refused(mv4d_nodes, models, cameras, ref
     rollback = run_node(mv4d_nodes.RollbackEuler, rollback_steps=2).result[0]
     message = error_of(lambda: sample(guider, grid_noise(), latent, sampler=rollback, sigmas=karras_sigmas().flip(0)))
     assert "'sigmas'" in message and "decrease" in message
+
+
+def test_fp8_matmuls_wrap_the_unet_forward_and_refuse_gpus_without_fp8(mv4d_nodes, models, cameras, references, monkeypatch):
+    """MV4D FP8 Matmuls puts the fp8 function mode around each UNet forward of the model it patches (on the CPU it
+    routes nothing, so the grid is unchanged); on a device without fp8 tensor cores the node itself refuses."""
+    import mv4d.nodes.fp8_matmuls as fp8_node
+    from mv4d.kernels.fp8_matmul import Fp8Matmuls
+    from mv4d.nodes.speed import Fp8MatmulsNode
+
+    modes = []
+
+    class RecordedFp8Matmuls(Fp8Matmuls):
+        def __init__(self):
+            super().__init__()
+            modes.append(self)
+
+    monkeypatch.setattr(fp8_node, "Fp8Matmuls", RecordedFp8Matmuls)
+    conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
+    noise, all_at_once = grid_noise(9), dict(videos_per_call=4096, multiview_sets_per_call=4096)
+    plain = sample(composed_guider(mv4d_nodes, models, conditioning, **all_at_once), noise, latent, sigmas=karras_sigmas(2))
+    assert not modes
+    patched = fp8_node.with_fp8_matmuls(models["sv3d_p"][0])
+    wrapped = sample(composed_guider(mv4d_nodes, models, conditioning, multiview_model=patched, **all_at_once), noise, latent,
+                     sigmas=karras_sigmas(2))
+    assert len(modes) == 2  # one multi-view forward per step (cond and uncond batched); none for the video model
+    assert all(mode.skipped > 0 and mode.routed == 0 for mode in modes)  # it saw the linear layers, ran none in fp8
+    assert torch.equal(plain, wrapped)
+    assert not models["sv3d_p"][0].get_wrappers("diffusion_model", fp8_node.WRAPPER_KEY)  # the loader's model is untouched
+    message = error_of(lambda: run_node(Fp8MatmulsNode, model=models["svd"][0]))
+    assert message.startswith("MV4D FP8 Matmuls: input 'model'") and "fp8 tensor cores" in message and "Fix: bypass" in message
+
+
+def test_an_automatic_call_that_runs_out_of_memory_is_split_and_redone(mv4d_nodes, models, cameras, references, monkeypatch):
+    """What the measurement cannot foresee (allocator fragmentation, another program): a call of more than two
+    videos "runs out of memory" here. It is halved and redone, later calls stay below it, the grid is unchanged;
+    a single video that runs out of memory is the user's error to see."""
+    import weakref
+
+    import comfy.samplers
+    import mv4d.nodes.composed_guider as composed
+
+    monkeypatch.setattr(composed, "MEASURED_CALLS", weakref.WeakKeyDictionary())
+    conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
+    noise = grid_noise(10)
+    one_per_call = sample(composed_guider(mv4d_nodes, models, conditioning, videos_per_call=1, multiview_sets_per_call=1),
+                          noise, latent, sigmas=karras_sigmas(2))
+    limit = {"videos": 2}
+    original = comfy.samplers.calc_cond_batch
+
+    def small_card(model, conds, x, *args, **kwargs):
+        if type(model).__name__ == "SVD_img2vid" and x.shape[0] > limit["videos"] * FRAMES:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.16 GiB (simulated)")
+        return original(model, conds, x, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", small_card)
+    with spy_on_unet_calls() as calls:
+        grid = sample(composed_guider(mv4d_nodes, models, conditioning), noise, latent, sigmas=karras_sigmas(2))
+    video = [call[1] // FRAMES for call in calls if call[0] == "SVD_img2vid"]
+    assert video == [4, 2, 2, 2, 2], video  # all 4 rows fail, 2 + 2 redone; step 2 stays below 4 (balanced: 2 + 2)
+    assert (grid - one_per_call).abs().max() < TOLERANCE
+    limit["videos"] = 0
+    message = error_of(lambda: sample(composed_guider(mv4d_nodes, models, conditioning), noise, latent, sigmas=karras_sigmas(2)))
+    assert "out of memory" in message

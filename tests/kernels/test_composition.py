@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mv4d.kernels.composition import (CompositionSchedule, cfg_scales, check_descending, chunks, columns,
+from mv4d.kernels.composition import (CompositionSchedule, balanced_chunk, cfg_scales, check_descending, chunks, columns, items_that_fit,
                                       model_weights, multiview_weight, rows, sample_rollback_euler,
                                       step_of_sigma, view_video_shares)
 from mv4d.kernels.errors import InvalidInput
@@ -75,6 +75,16 @@ def test_rows_and_columns_are_the_view_major_grid():
     assert chunks(7, 3) == [(0, 3), (3, 6), (6, 7)] and chunks(2, 0) == [(0, 1), (1, 2)] and chunks(2, 99) == [(0, 2)]
 
 
+def test_balanced_chunks_use_the_fewest_calls_and_never_exceed_the_room():
+    for total in range(1, 30):
+        for fit in range(0, 32):
+            size = balanced_chunk(total, fit)
+            room = max(1, min(fit, total))
+            assert 1 <= size <= room
+            assert len(chunks(total, size)) == -(-total // room)  # as few calls as the room allows
+    assert balanced_chunk(21, 8) == 7 and balanced_chunk(25, 12) == 9 and balanced_chunk(25, 100) == 25
+
+
 def test_cfg_scales_and_sigma_checks():
     assert cfg_scales(1.5, 3.0, 4).tolist() == pytest.approx([1.5, 2.0, 2.5, 3.0])
     assert cfg_scales(2.5, 2.5, 1).tolist() == [2.5]
@@ -128,3 +138,20 @@ def test_rollback_noise_has_the_step_size_as_std_and_is_seeded():
     positions.clear()
     sample_rollback_euler(identity_denoiser, x, sigmas, {"seed": 3}, rollback_steps=1)
     assert torch.equal(positions[1] - positions[0], added)
+
+
+def test_items_that_fit_follow_an_affine_memory_line_and_grow_step_by_step():
+    gib = 2**30
+    # one measured call: its whole peak is per-item cost
+    assert items_that_fit({1: 4.5 * gib}, 17 * gib) == 3
+    # two: fixed 2 GiB + 1.25 GiB per item; 14.45 GiB of room holds 9 but growth is limited to 2 * 3 + 1
+    assert items_that_fit({1: 3.25 * gib, 3: 5.75 * gib}, 14.45 * gib) == 7
+    assert items_that_fit({1: 3.25 * gib, 3: 5.75 * gib, 7: 10.75 * gib}, 14.45 * gib) == 9
+    # noise that makes the line fall back is read as per-item cost of the largest call; no room still means 1
+    assert items_that_fit({2: 4 * gib, 4: 3.9 * gib}, 10 * gib) == 9
+    assert items_that_fit({1: 4 * gib}, 1 * gib) == 1
+    # on memory that is exactly affine, the answer is the largest count that fits (within the growth limit)
+    for fixed, per, room in ((1e9, 0.7e9, 9e9), (3e9, 1.1e9, 20e9), (0.2e9, 2e9, 5e9)):
+        peaks = {1: fixed + per, 2: fixed + 2 * per}
+        n = items_that_fit(peaks, room)
+        assert fixed + per * n <= room and (n == 5 or fixed + per * (n + 1) > room)
