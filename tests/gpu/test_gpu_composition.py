@@ -26,24 +26,9 @@ def guider_module():
 
 
 def test_fast_path_equals_one_call_per_video_in_bf16(guider_module):
-    import comfy.samplers
-    from mv4d.kernels.composition import CompositionSchedule
-    from mv4d_tiny_models import svd_family_unet
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from composition_step import random_grid_conditioning
-
-    video, multiview = svd_family_unet("svd", 0, dtype=torch.bfloat16), svd_family_unet("sv3d_p", 1, dtype=torch.bfloat16)
-    conditioning = random_grid_conditioning(VIEWS, FRAMES, LATENT, 32)
-    noise = torch.randn(VIEWS * FRAMES, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(2))
-    sigmas = comfy.samplers.calculate_sigmas(video.get_model_object("model_sampling"), "karras", 4)
-    grids = {}
-    for per_call in (0, 1):
-        settings = guider_module.GuiderSettings(CompositionSchedule(), (1.5, 3.0), (2.5, 2.5), per_call, per_call)
-        guider = guider_module.ComposedGuider(video, multiview, conditioning, settings)
-        with torch.inference_mode():
-            grids[per_call] = guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"),
-                                            sigmas, disable_pbar=True, seed=0).float()
+    video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
+    grids = {per_call: sample_grid(guider_module, video, multiview, conditioning, noise, sigmas, per_call)
+             for per_call in (0, 1)}
     scale = grids[1].abs().max().item()
     difference = (grids[0] - grids[1]).abs().max().item()
     print(f"fast vs plain, bf16: max |difference| {difference:.3e}, values up to {scale:.2f}")
@@ -51,7 +36,7 @@ def test_fast_path_equals_one_call_per_video_in_bf16(guider_module):
     assert difference < 2e-2 * scale  # a few bf16 ulps (2^-8 relative) accumulated over 4 steps
 
 
-def tiny_grid_setup(guider_module):
+def tiny_grid_setup(guider_module, steps=3):
     import comfy.samplers
     from mv4d_tiny_models import svd_family_unet
 
@@ -61,7 +46,7 @@ def tiny_grid_setup(guider_module):
     video, multiview = svd_family_unet("svd", 0, dtype=torch.bfloat16), svd_family_unet("sv3d_p", 1, dtype=torch.bfloat16)
     conditioning = random_grid_conditioning(VIEWS, FRAMES, LATENT, 32)
     noise = torch.randn(VIEWS * FRAMES, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))
-    sigmas = comfy.samplers.calculate_sigmas(video.get_model_object("model_sampling"), "karras", 3)
+    sigmas = comfy.samplers.calculate_sigmas(video.get_model_object("model_sampling"), "karras", steps)
     return video, multiview, conditioning, noise, sigmas
 
 
@@ -111,7 +96,7 @@ def test_automatic_chunks_are_sized_by_measured_cuda_memory(guider_module, monke
 
 
 def test_fp8_matmuls_match_their_emulation_and_run_inside_the_unet(guider_module, monkeypatch):
-    from mv4d.kernels.fp8_matmul import Fp8Matmuls, emulated_fp8_linear, fp8_linear, gpu_has_fp8_matmuls
+    from mv4d.kernels.fp8_matmul import emulated_fp8_linear, fp8_linear, gpu_has_fp8_matmuls
 
     if not gpu_has_fp8_matmuls(torch.device("cuda")):
         pytest.skip(f"{torch.cuda.get_device_name()} has no fp8 tensor cores (compute capability 8.9+)")
@@ -127,15 +112,9 @@ def test_fp8_matmuls_match_their_emulation_and_run_inside_the_unet(guider_module
     assert ((fast - exact).norm() / (exact - bias.float()).norm()) < 0.05
 
     import mv4d.nodes.fp8_matmuls as fp8_node
+    from mv4d_tiny_models import record_fp8_modes
 
-    modes = []
-
-    class RecordedFp8Matmuls(Fp8Matmuls):
-        def __init__(self):
-            super().__init__()
-            modes.append(self)
-
-    monkeypatch.setattr(fp8_node, "Fp8Matmuls", RecordedFp8Matmuls)
+    modes = record_fp8_modes(monkeypatch)
     video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module)
     plain = sample_grid(guider_module, video, multiview, conditioning, noise, sigmas, per_call=VIEWS)
     in_fp8 = sample_grid(guider_module, fp8_node.with_fp8_matmuls(video), fp8_node.with_fp8_matmuls(multiview),

@@ -120,3 +120,19 @@ def composed_guider_module():
         package.__path__ = [str(Path(__file__).resolve().parents[2] / "nodes")]
         sys.modules["mv4d.nodes"] = package
         return importlib.import_module("mv4d.nodes.composed_guider")
+
+
+def record_fp8_modes(monkeypatch) -> list:
+    """Every fp8 function mode that MV4D FP8 Matmuls' model patch enters from now on (to count what it routed)."""
+    import mv4d.nodes.fp8_matmuls as fp8_patch
+    from mv4d.kernels.fp8_matmul import Fp8Matmuls
+
+    modes = []
+
+    class RecordedFp8Matmuls(Fp8Matmuls):
+        def __init__(self):
+            super().__init__()
+            modes.append(self)
+
+    monkeypatch.setattr(fp8_patch, "Fp8Matmuls", RecordedFp8Matmuls)
+    return modes

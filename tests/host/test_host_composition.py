@@ -461,17 +461,10 @@ def test_fp8_matmuls_wrap_the_unet_forward_and_refuse_gpus_without_fp8(mv4d_node
     """MV4D FP8 Matmuls puts the fp8 function mode around each UNet forward of the model it patches (on the CPU it
     routes nothing, so the grid is unchanged); on a device without fp8 tensor cores the node itself refuses."""
     import mv4d.nodes.fp8_matmuls as fp8_node
-    from mv4d.kernels.fp8_matmul import Fp8Matmuls
     from mv4d.nodes.speed import Fp8MatmulsNode
+    from mv4d_tiny_models import record_fp8_modes
 
-    modes = []
-
-    class RecordedFp8Matmuls(Fp8Matmuls):
-        def __init__(self):
-            super().__init__()
-            modes.append(self)
-
-    monkeypatch.setattr(fp8_node, "Fp8Matmuls", RecordedFp8Matmuls)
+    modes = record_fp8_modes(monkeypatch)
     conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
     noise, all_at_once = grid_noise(9), dict(videos_per_call=4096, multiview_sets_per_call=4096)
     plain = sample(composed_guider(mv4d_nodes, models, conditioning, **all_at_once), noise, latent, sigmas=karras_sigmas(2))
