@@ -25,7 +25,8 @@ class Fp8MatmulsNode(io.ComfyNode):
                         "8.9+: RTX 40xx, L4 / L40, H100 / H200 or newer). Its effect on real-model quality is not "
                         "measured. Put it between a loader and MV4D Composed Guider (one per model).",
             inputs=[io.Model.Input("model", tooltip="A diffusion model (e.g. SVD-XT or SV3D_p from its loader).")],
-            outputs=[io.Model.Output("model", tooltip="The same model; its linear layers run in fp8 while it samples.")],
+            outputs=[io.Model.Output("fp8_model", display_name="model",
+                                     tooltip="The same model; its linear layers run in fp8 while it samples.")],
         )
 
     @classmethod
