@@ -55,9 +55,11 @@ def import_host(cpu: bool):
     return composed_guider_module()
 
 
-def hold_gpu_memory_except(cap_gib: float) -> subprocess.Popen | None:
-    """Another process takes all but cap_gib of the GPU, so ComfyUI sees (and can use) what a smaller card has."""
+def emulate_card(cap_gib: float) -> subprocess.Popen | None:
+    """As on a card of cap_gib: another process takes all but cap_gib of the GPU, so ComfyUI sees (and can use)
+    what such a card has, and this process is capped at cap_gib as well. Returns the holding process."""
     free, total = torch.cuda.mem_get_info()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
     ballast = free - int(cap_gib * 2**30)
     if ballast <= 0:
         return None
@@ -220,10 +222,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
-    holder = hold_gpu_memory_except(args.memory_cap_gib) if cuda and args.memory_cap_gib else None
-    if cuda and args.memory_cap_gib:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+    holder = emulate_card(args.memory_cap_gib) if cuda and args.memory_cap_gib else None
     guider_module = import_host(cpu=not cuda)
     ComposedGuider, GuiderSettings = guider_module.ComposedGuider, guider_module.GuiderSettings
     import comfy.samplers

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # python -P leaves this folder off the path
-from composition_step import PeakVram, hold_gpu_memory_except, import_host  # noqa: E402
+from composition_step import PeakVram, emulate_card, import_host  # noqa: E402
 
 
 def real_clip_vision():
@@ -59,10 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
-    holder = hold_gpu_memory_except(args.memory_cap_gib) if cuda and args.memory_cap_gib else None
-    if cuda and args.memory_cap_gib:
-        total_memory = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total_memory))
+    holder = emulate_card(args.memory_cap_gib) if cuda and args.memory_cap_gib else None
     guider_module = import_host(cpu=not cuda)
     import importlib
 

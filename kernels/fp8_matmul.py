@@ -40,29 +40,28 @@ def eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and gpu_has_fp8_matmuls(x.device))
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias with both operands in fp8 (row-wise scales), result in x's dtype."""
-    rows = x.reshape(-1, x.shape[-1])
-    x_fp8, x_scale = quantize_rows(rows)
+def _linear_in_fp8(x, weight, bias, product) -> torch.Tensor:
+    """x @ weight.T + bias with both operands rounded to fp8 (row-wise scales); `product` multiplies the fp8
+    matrices and their scales into a bf16 result."""
+    x_fp8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
     w_fp8, w_scale = quantize_rows(weight)
-    # row-wise scaled fp8 products are only produced in bf16; the column-major second operand is weight's transpose
-    out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
-    out = out.to(x.dtype)
+    out = product(x_fp8, x_scale, w_fp8, w_scale).to(x.dtype)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias on fp8 tensor cores, result in x's dtype."""
+    # row-wise scaled fp8 products are only produced in bf16; the column-major second operand is weight's transpose
+    return _linear_in_fp8(x, weight, bias, lambda a, a_scale, b, b_scale: torch._scaled_mm(
+        a, b.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=torch.bfloat16))
 
 
 def emulated_fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """What fp8_linear computes, on any device: the same rounding, products in float32 (the reference for tests)."""
-    rows = x.reshape(-1, x.shape[-1])
-    x_fp8, x_scale = quantize_rows(rows)
-    w_fp8, w_scale = quantize_rows(weight)
-    out = (x_fp8.float() * x_scale) @ (w_fp8.float() * w_scale).t()
-    out = out.to(torch.bfloat16).to(x.dtype)
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _linear_in_fp8(x, weight, bias, lambda a, a_scale, b, b_scale: (
+        (a.float() * a_scale) @ (b.float() * b_scale).t()).to(torch.bfloat16))
 
 
 class Fp8Matmuls(TorchFunctionMode):

@@ -45,15 +45,15 @@ class CallMemory:
 
 
 class PeakMemory:
-    """The CUDA allocation peak of a block above what was allocated when it began (None off CUDA, and for the
-    meta device: not measured). It resets CUDA's peak statistic."""
+    """The CUDA allocation peak of a block above what was allocated when it began (None off CUDA, or when not
+    enabled). It resets CUDA's peak statistic."""
 
     def __init__(self, device: torch.device):
         self.device, self.bytes = device, None
 
     @contextmanager
-    def measure(self):
-        if self.device.type != "cuda":
+    def measure(self, enabled: bool = True):
+        if not enabled or self.device.type != "cuda":
             yield self
             return
         base = torch.cuda.memory_allocated(self.device)  # the allocator's host-side counters: no device sync
@@ -269,7 +269,7 @@ class ComposedGuider(comfy.samplers.CFGGuider):
             end = min(first + size, total)
             out_of_memory, measuring = False, end - first not in memory.peak_bytes
             try:
-                with PeakMemory(x.device if measuring else torch.device("meta")).measure() as peak:
+                with PeakMemory(x.device).measure(enabled=measuring) as peak:
                     evaluate(first, end)
             except torch.OutOfMemoryError:
                 if end - first == 1:
