@@ -50,9 +50,9 @@ def import_host(cpu: bool):
         spec = importlib.util.spec_from_file_location("mv4d", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
         sys.modules["mv4d"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["mv4d"])
-    from mv4d_tiny_models import composed_guider_module
+    import mv4d.integration.composed_guider as composed_guider  # no comfy_api needed: runs on a bare GPU machine
 
-    return composed_guider_module()
+    return composed_guider
 
 
 def emulate_card(cap_gib: float) -> subprocess.Popen | None:
@@ -76,7 +76,7 @@ def random_grid_conditioning(views: int, frames: int, latent: int, context_dim: 
     """The guider's conditioning with random reference embeddings and latents (cost does not depend on them)."""
     import importlib
 
-    build = importlib.import_module("mv4d.nodes.grid_conditioning").grid_conditioning  # after import_host
+    build = importlib.import_module("mv4d.integration.grid_conditioning").grid_conditioning  # after import_host
     generator = torch.Generator().manual_seed(0)
 
     def references(count):
@@ -258,7 +258,7 @@ def main() -> None:
 
     fp8_models = None
     if "fp8" in args.paths.split(","):
-        from mv4d.nodes.fp8_matmuls import with_fp8_matmuls
+        from mv4d.integration.patches.fp8_matmuls import with_fp8_matmuls
 
         fp8_models = (with_fp8_matmuls(video_model), with_fp8_matmuls(multiview_model))
     batch_sizes = BatchSizes()

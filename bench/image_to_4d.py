@@ -71,7 +71,7 @@ def main() -> None:
     from mv4d.kernels.synthetic_scene import render_scene
     from mv4d_tiny_models import REAL_SIZE, TINY_SIZE, tiny_clip_vision, svd_family_unet, tiny_vae
 
-    conditioning = importlib.import_module("mv4d.nodes.grid_conditioning")
+    conditioning = importlib.import_module("mv4d.integration.grid_conditioning")
     dtype = torch.bfloat16 if cuda else torch.float32
     seconds: dict[str, float] = {}
     peak_gib: dict[str, float] = {}

@@ -5,7 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from .cameras import LoadCameraTrajectory, OrbitCameras
 from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, RollbackEuler, SV3DConditioning
 from .epipolar import EpipolarMask, PreviewEpipolarMask
-from .host import register_model_folders
+from ..integration.host import register_model_folders
 from .load_multiview import LoadMultiviewImages
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
 from .speed import Fp8MatmulsNode

@@ -7,8 +7,8 @@ from comfy_api.latest import io
 
 from ..kernels.cameras import orbit_rig
 from ..kernels.pose_files import parse_pose_file
-from . import host
-from .node_errors import input_error, kernel_errors_as_node_errors
+from ..integration import host
+from ..integration.node_errors import input_error, kernel_errors_as_node_errors
 from .types import Cameras
 
 MAX_SIZE = 8192

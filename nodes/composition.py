@@ -15,10 +15,10 @@ from comfy_api.latest import io, ui
 
 from ..kernels.composition import SCHEDULES, CompositionSchedule, check_descending, sample_rollback_euler
 from ..kernels.multiview_video import MultiviewVideo, even_times, mosaic
-from . import host
-from .composed_guider import GUIDER, ComposedGuider, GuiderSettings
-from .grid_conditioning import encode_references, grid_conditioning, official_sv3d_angles, sv3d_conditioning
-from .node_errors import input_error, kernel_errors_as_node_errors
+from ..integration import host
+from ..integration.composed_guider import GUIDER, ComposedGuider, GuiderSettings
+from ..integration.grid_conditioning import encode_references, grid_conditioning, official_sv3d_angles, sv3d_conditioning
+from ..integration.node_errors import input_error, kernel_errors_as_node_errors
 from .types import Cameras, GridConditioningSocket, MultiviewVideoSocket
 
 SV3D_CONDITIONING = "MV4D SV3D Conditioning"

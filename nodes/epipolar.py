@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..kernels.epipolar import CVD_BAND_FRACTION, CVD_DECAY, CVD_REFERENCE_PIXELS, build_epipolar_mask, reference_size_for
 from ..kernels.epipolar_preview import pick_query_cells, render_mask_preview
-from .node_errors import input_error, kernel_errors_as_node_errors
+from ..integration.node_errors import input_error, kernel_errors_as_node_errors
 from .types import Cameras, EpipolarMaskSocket
 
 MASK_NODE = "MV4D Epipolar Mask"

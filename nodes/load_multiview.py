@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .node_errors import input_error
+from ..integration.node_errors import input_error
 
 LOAD_MULTIVIEW = "MV4D Load Multiview Images"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

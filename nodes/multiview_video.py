@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..kernels.multiview_video import from_image_batch, to_image_batch
 from ..kernels.synthetic_scene import example_multiview_video
-from .node_errors import kernel_errors_as_node_errors
+from ..integration.node_errors import kernel_errors_as_node_errors
 from .types import Cameras, MultiviewVideoSocket
 
 IMAGES_TO_VIDEO = "MV4D Images To Multiview Video"

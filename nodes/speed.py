@@ -5,9 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..kernels.fp8_matmul import FP8_CAPABILITY, gpu_has_fp8_matmuls
-from . import host
-from .fp8_matmuls import with_fp8_matmuls
-from .node_errors import input_error
+from ..integration import host
+from ..integration.patches.fp8_matmuls import with_fp8_matmuls
+from ..integration.node_errors import input_error
 
 FP8_NODE = "MV4D FP8 Matmuls"
 

@@ -17,8 +17,8 @@ from ..kernels.splats.model import MotionConfig, Splats4D
 from ..kernels.splats.splatv import read_splatv
 from ..kernels.splats.storage import SUFFIX, load_splats4d
 from ..kernels.splats.views import grid_request, render_images, turntable
-from . import host
-from .node_errors import input_error, kernel_errors_as_node_errors
+from ..integration import host
+from ..integration.node_errors import input_error, kernel_errors_as_node_errors
 from .types import Cameras, MultiviewVideoSocket, Splats4DSocket
 
 FIT = "MV4D Fit 4D Gaussians"

@@ -20,9 +20,9 @@ def guider_module():
         pytest.skip(f"no ComfyUI source tree at {HOST} (set COMFYUI_DIR)")
     sys.path.insert(0, str(HOST))
     sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "host"))
-    from mv4d_tiny_models import composed_guider_module
+    import mv4d.integration.composed_guider as composed_guider  # no comfy_api needed: runs on a bare GPU machine
 
-    return composed_guider_module()
+    return composed_guider
 
 
 def test_fast_path_equals_one_call_per_video_in_bf16(guider_module):
@@ -111,7 +111,7 @@ def test_fp8_matmuls_match_their_emulation_and_run_inside_the_unet(guider_module
     assert (fast - emulated).abs().max() <= 2e-2 * emulated.abs().max()  # same rounding; bf16 output, summation order
     assert ((fast - exact).norm() / (exact - bias.float()).norm()) < 0.05
 
-    import mv4d.nodes.fp8_matmuls as fp8_node
+    import mv4d.integration.patches.fp8_matmuls as fp8_node
     from mv4d_tiny_models import record_fp8_modes
 
     modes = record_fp8_modes(monkeypatch)

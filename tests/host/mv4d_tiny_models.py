@@ -105,26 +105,9 @@ def tiny_checkpoint(kind: str):
     return svd_family_unet(kind, seed), tiny_clip_vision(100 + seed), tiny_vae(200 + seed)
 
 
-def composed_guider_module():
-    """mv4d.nodes.composed_guider, also where ComfyUI's API layer (comfy_api: PyAV, ...) cannot be imported, as
-    on a bare GPU machine: then the nodes package is entered without its registry (nodes/__init__.py)."""
-    import importlib
-    import sys
-    import types
-    from pathlib import Path
-
-    try:
-        return importlib.import_module("mv4d.nodes.composed_guider")
-    except ImportError:
-        package = types.ModuleType("mv4d.nodes")
-        package.__path__ = [str(Path(__file__).resolve().parents[2] / "nodes")]
-        sys.modules["mv4d.nodes"] = package
-        return importlib.import_module("mv4d.nodes.composed_guider")
-
-
 def record_fp8_modes(monkeypatch) -> list:
     """Every fp8 function mode that MV4D FP8 Matmuls' model patch enters from now on (to count what it routed)."""
-    import mv4d.nodes.fp8_matmuls as fp8_patch
+    import mv4d.integration.patches.fp8_matmuls as fp8_patch
     from mv4d.kernels.fp8_matmul import Fp8Matmuls
 
     modes = []

@@ -230,7 +230,7 @@ def test_automatic_chunks_grow_to_the_measured_memory_of_earlier_calls(mv4d_node
     import weakref
 
     import comfy.model_management
-    import mv4d.nodes.composed_guider as composed
+    import mv4d.integration.composed_guider as composed
 
     with spy_on_unet_calls() as calls:
         class FakePeakMemory:
@@ -462,7 +462,7 @@ def test_sigmas_that_do_not_descend_are_refused(mv4d_nodes, models, cameras, ref
 def test_fp8_matmuls_wrap_the_unet_forward_and_refuse_gpus_without_fp8(mv4d_nodes, models, cameras, references, monkeypatch):
     """MV4D FP8 Matmuls puts the fp8 function mode around each UNet forward of the model it patches (on the CPU it
     routes nothing, so the grid is unchanged); on a device without fp8 tensor cores the node itself refuses."""
-    import mv4d.nodes.fp8_matmuls as fp8_node
+    import mv4d.integration.patches.fp8_matmuls as fp8_node
     from mv4d.nodes.speed import Fp8MatmulsNode
     from mv4d_tiny_models import record_fp8_modes
 
@@ -489,7 +489,7 @@ def test_an_automatic_call_that_runs_out_of_memory_is_split_and_redone(mv4d_node
     import weakref
 
     import comfy.samplers
-    import mv4d.nodes.composed_guider as composed
+    import mv4d.integration.composed_guider as composed
 
     monkeypatch.setattr(composed, "MEASURED_CALLS", weakref.WeakKeyDictionary())
     conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)

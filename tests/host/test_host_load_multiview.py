@@ -50,7 +50,7 @@ def test_views_are_resized_to_size_and_transparency_goes_on_white(mv4d_nodes, in
 
 
 def test_errors_name_the_node_the_input_and_the_fix(mv4d_nodes, input_dir):
-    from mv4d.nodes.node_errors import NodeInputError
+    from mv4d.integration.node_errors import NodeInputError
 
     save(input_dir / "set_sizes" / "a.png", flat(0, size=16))
     save(input_dir / "set_sizes" / "b.png", flat(0, size=24))

@@ -117,7 +117,7 @@ def orbit(mv4d_nodes, views):
 
 
 def test_errors_name_the_node_the_input_and_the_fix(comfy, mv4d_nodes):
-    from mv4d.nodes.node_errors import NodeInputError
+    from mv4d.integration.node_errors import NodeInputError
     from pathlib import Path
 
     mask_inputs = dict(latent_width=32, latent_height=32, mode="hard", tau=3.0, reference_resolution=256,

@@ -86,7 +86,7 @@ def test_save_then_load_both_formats(comfy, mv4d_nodes, fitted):
 
 
 def test_4d_node_errors_name_node_input_and_fix(comfy, mv4d_nodes, example, fitted):
-    from mv4d.nodes.node_errors import NodeInputError
+    from mv4d.integration.node_errors import NodeInputError
 
     with pytest.raises(NodeInputError, match=r"MV4D Save 4D: input 'filename_prefix': '../outside' points outside the output folder"):
         run_node(mv4d_nodes.Save4D, splats_4d=fitted.args[0], filename_prefix="../outside", splatv=True,

@@ -55,3 +55,16 @@ def test_dependencies_are_declared_loosely_and_never_pin_torch():
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert sorted(line for line in lines if line and not line.startswith("#")) == sorted(declared)
     assert project["name"] == "mv4d" and "comfyui" not in project["name"].lower()
+
+
+def test_integration_never_imports_the_node_api():
+    # integration/ is imported by tests and benchmarks where comfy_api (and its own dependencies) may be missing
+    for path in sorted((ROOT / "integration").rglob("*.py")):
+        assert "comfy_api" not in imported_modules(path), path
+
+
+def test_every_package_folder_is_packaged():
+    packaged = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"mv4d." + ".".join(init.parent.relative_to(ROOT).parts) for init in ROOT.rglob("__init__.py")
+               if init.parent != ROOT and init.parent.relative_to(ROOT).parts[0] in ("kernels", "integration", "nodes", "runner")}
+    assert folders | {"mv4d"} == packaged

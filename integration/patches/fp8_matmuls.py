@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import comfy.patcher_extension
 
-from ..kernels.fp8_matmul import Fp8Matmuls
+from ...kernels.fp8_matmul import Fp8Matmuls
 
 WRAPPER_KEY = "mv4d_fp8_matmuls"
 
