@@ -84,7 +84,11 @@ def random_grid_conditioning(views: int, frames: int, latent: int, context_dim: 
                 torch.randn(count, 4, latent, latent, generator=generator))
 
     azimuths = [360.0 * (v + 1) / views for v in range(views)]
-    return build(*references(views), *references(frames), [10.0] * views, azimuths, 6, 127, 0.02, 1e-5)
+    from mv4d.kernels.composition import ReferenceSettings
+
+    ref = ReferenceSettings()
+    return build(*references(views), *references(frames), [10.0] * views, azimuths, ref.fps, ref.motion_bucket_id,
+                 ref.video_augmentation, ref.multiview_augmentation)
 
 
 class UNetTimer:
@@ -224,9 +228,9 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     holder = emulate_card(args.memory_cap_gib) if cuda and args.memory_cap_gib else None
     guider_module = import_host(cpu=not cuda)
-    ComposedGuider, GuiderSettings = guider_module.ComposedGuider, guider_module.GuiderSettings
+    ComposedGuider = guider_module.ComposedGuider
     import comfy.samplers
-    from mv4d.kernels.composition import CompositionSchedule
+    from mv4d.kernels.composition import GuiderSettings
     from mv4d_tiny_models import CONTEXT_DIM, REAL_SIZE, TINY_SIZE, svd_family_unet
 
     size, context_dim = (TINY_SIZE, CONTEXT_DIM) if args.tiny else (REAL_SIZE, 1024)
@@ -251,7 +255,6 @@ def main() -> None:
             set_torch_compile_wrapper(model=model, backend="inductor", dynamic=False,
                                       options={"guard_filter_fn": lambda entries: [("transformer_options" not in e.name) for e in entries]})
     timer = UNetTimer([video_model, multiview_model]) if cuda and not args.compile else None
-    schedule = CompositionSchedule("constant", 0.6, per_view=True)
     result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "dtype": str(dtype),
               "views": args.views, "frames": args.frames, "size": args.size, "tiny": args.tiny,
               "memory_cap_gib": args.memory_cap_gib or None, "compile": args.compile, "per_call": args.per_call, "build_seconds": round(build_seconds, 1)}
@@ -267,8 +270,9 @@ def main() -> None:
     def run(path: str, per_call: tuple[int, int]) -> float:
         """One joint evaluation (for "alternate": three, timed over the last two); its seconds."""
         models = fp8_models if path == "fp8" else (video_model, multiview_model)
-        guider = ComposedGuider(*models, conditioning, GuiderSettings(schedule, (1.5, 3.0), (2.5, 2.5), *per_call,
-                                                                      alternate_models=path == "alternate"))
+        settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1],
+                                  alternate_models=path == "alternate")  # otherwise the official defaults
+        guider = ComposedGuider(*models, conditioning, settings)
         seconds = []
         original = guider.predict_noise
 

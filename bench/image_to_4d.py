@@ -65,7 +65,9 @@ def main() -> None:
 
     import comfy.samplers
     from mv4d.kernels.cameras import orbit_rig
-    from mv4d.kernels.composition import CompositionSchedule, sample_rollback_euler
+    from mv4d.kernels.composition import GuiderSettings, ReferenceSettings, sample_rollback_euler
+
+    ref = ReferenceSettings()
     from mv4d.kernels.multiview_video import MultiviewVideo, even_times
     from mv4d.kernels.splats.fit import FitSettings, fit_dynamic_gaussians
     from mv4d.kernels.synthetic_scene import render_scene
@@ -108,28 +110,29 @@ def main() -> None:
 
     elevations, azimuths = conditioning.official_sv3d_angles(rig)
     with timed("reference_column"), torch.inference_mode():
-        embedding, encoded = conditioning.encode_references(clip_vision, vae, image, 1e-5)
+        embedding, encoded = conditioning.encode_references(clip_vision, vae, image, ref.multiview_augmentation)
         guider = comfy.samplers.CFGGuider(multiview_model)
-        guider.set_conds(*conditioning.sv3d_conditioning(embedding, encoded, elevations, azimuths, 1e-5))
+        guider.set_conds(*conditioning.sv3d_conditioning(embedding, encoded, elevations, azimuths, ref.multiview_augmentation))
         guider.set_cfg(2.5)
         reference_views = vae.decode(sample(guider, args.views))
     with timed("reference_row"), torch.inference_mode():
-        embedding, encoded = conditioning.encode_references(clip_vision, vae, image, 0.02)
+        embedding, encoded = conditioning.encode_references(clip_vision, vae, image, ref.video_augmentation)
         patched = video_model.clone()  # core VideoLinearCFGGuidance: CFG 1.5 -> 3.0 over the frames
         patched.set_model_sampler_cfg_function(lambda a: a["uncond"] + torch.linspace(
             1.5, a["cond_scale"], a["cond"].shape[0], device=a["cond"].device).view(-1, 1, 1, 1) * (a["cond"] - a["uncond"]))
         guider = comfy.samplers.CFGGuider(patched)
-        guider.set_conds(*conditioning.with_unconditional(embedding, encoded, {"fps": 6, "motion_bucket_id": 127,
-                                                                                "augmentation_level": 0.02}))
+        guider.set_conds(*conditioning.with_unconditional(embedding, encoded, {"fps": ref.fps, "motion_bucket_id": ref.motion_bucket_id,
+                                                                                "augmentation_level": ref.video_augmentation}))
         guider.set_cfg(3.0)
         reference_frames = vae.decode(sample(guider, args.frames))
     with timed("grid_conditioning"), torch.inference_mode():
-        views_encoded = conditioning.encode_references(clip_vision, vae, reference_views, 0.02)
-        frames_encoded = conditioning.encode_references(clip_vision, vae, reference_frames, 1e-5)
-        grid = conditioning.grid_conditioning(*views_encoded, *frames_encoded, elevations, azimuths, 6, 127, 0.02, 1e-5)
+        views_encoded = conditioning.encode_references(clip_vision, vae, reference_views, ref.video_augmentation)
+        frames_encoded = conditioning.encode_references(clip_vision, vae, reference_frames, ref.multiview_augmentation)
+        grid = conditioning.grid_conditioning(*views_encoded, *frames_encoded, elevations, azimuths, ref.fps, ref.motion_bucket_id,
+                                              ref.video_augmentation, ref.multiview_augmentation)
     with timed("composed_sampling"):
         per_call = [int(n) for n in args.per_call.split(",")]
-        settings = guider_module.GuiderSettings(CompositionSchedule(), (1.5, 3.0), (2.5, 2.5), *per_call)
+        settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1])
         guider = guider_module.ComposedGuider(video_model, multiview_model, grid, settings)
         rollback = comfy.samplers.KSAMPLER(sample_rollback_euler, extra_options={"rollback_steps": args.rollback_steps})
         grid_latent = sample(guider, args.views * args.frames, rollback)

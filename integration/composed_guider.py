@@ -9,7 +9,6 @@ management loads, offloads and accounts for both.
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,10 +20,10 @@ import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 import torch
-from einops import rearrange
 
-from ..kernels.composition import (CompositionSchedule, balanced_chunk, cfg_scales, check_descending, chunks, columns,
-                                   items_that_fit, model_weights, multiview_weight, rows, step_of_sigma)
+from ..kernels.composition import (GuiderSettings, balanced_chunk, cfg_scales, check_descending, chunks, items_that_fit,
+                                   model_weights, multiview_weight, step_of_sigma)
+from ..kernels.grid import GRID_OPTION, Grid
 from .node_errors import input_error, kernel_errors_as_node_errors
 
 GUIDER = "MV4D Composed Guider"
@@ -82,34 +81,25 @@ class GridConditioning:
     multiview_positive: list
     multiview_negative: list
 
-
-@dataclass(frozen=True)
-class GuiderSettings:
-    schedule: CompositionSchedule
-    video_cfg: tuple[float, float]  # first and last frame of each video
-    multiview_cfg: tuple[float, float]  # first and last view of each multi-view set
-    videos_per_call: int  # 0: as many as fit in free memory
-    multiview_sets_per_call: int
-    # optional speed-up (changes the result): classifier-free guidance only while sigma lies in this interval;
-    # outside it the unconditional pass is skipped. The default interval holds every sigma (off).
-    guidance_sigmas: tuple[float, float] = (0.0, math.inf)
-    # optional speed-up (changes the result): each evaluation runs one of the two models and reuses the other's
-    # prediction from the evaluation before (about half the UNet work per step)
-    alternate_models: bool = False
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.views, self.frames)
 
 
-def _slice_conds(conds: list[dict], first: int, end: int, batch: int, group: int) -> list[dict]:
+def _slice_conds(conds: list[dict], first: int, end: int, batch: int, call_grid: Grid) -> list[dict]:
     """The conds of batch items first..end-1. Per-item tensors (batch B) are sliced; num_video_frames becomes the
-    length of one video / multi-view set, so the UNet's temporal layers see each one on its own."""
+    length of one video / multi-view set, so the UNet's temporal layers see each one on its own, and the call's grid
+    (one row, 1 x F, or one column, V x 1, per group) goes to the model's patches."""
     sliced = []
     for cond in conds:
         model_conds = {}
         for name, value in cond["model_conds"].items():
             if name == "num_video_frames":
-                value = comfy.conds.CONDConstant(group)
+                value = comfy.conds.CONDConstant(call_grid.cells)
             elif isinstance(getattr(value, "cond", None), torch.Tensor) and value.cond.shape[0] == batch:
                 value = value._copy_with(value.cond[first:end])
             model_conds[name] = value
+        model_conds[GRID_OPTION] = comfy.conds.CONDConstant(call_grid)
         sliced.append({**cond, "model_conds": model_conds})
     return sliced
 
@@ -125,7 +115,7 @@ class ComposedGuider(comfy.samplers.CFGGuider):
                                          self._size_for_one_video)
         super().__init__(video_model)
         self.multiview_patcher = multiview_model
-        self.grid = grid
+        self.grid_conditioning = grid
         self.settings = settings
         self.inner_set_conds({"positive": grid.video_positive, "negative": grid.video_negative})
         self.multiview_original_conds = {
@@ -136,10 +126,10 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         self.predictions: dict[str, tuple[int, torch.Tensor]] = {}
 
     def _size_for_one_video(self, executor, model, noise_shape, conds, *args, **kwargs):
-        return executor(model, (self.grid.frames, *noise_shape[1:]), conds, *args, **kwargs)
+        return executor(model, (self.grid_conditioning.frames, *noise_shape[1:]), conds, *args, **kwargs)
 
     def _check_grid(self, noise: torch.Tensor) -> None:
-        grid = self.grid
+        grid = self.grid_conditioning
         expected = (grid.views * grid.frames, grid.latent_height, grid.latent_width)
         found = (noise.shape[0], *noise.shape[-2:])
         if noise.ndim != 4 or found != expected:
@@ -157,7 +147,7 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         self.multiview_patcher.pre_run()
         try:
             conds = {k: [c.copy() for c in v] for k, v in self.multiview_original_conds.items()}
-            column_noise = columns(noise, self.grid.frames, 0, self.grid.frames)
+            column_noise = self.grid_conditioning.grid.column_major(noise)
             self.multiview_conds = comfy.samplers.process_conds(self.multiview_inner, column_noise, conds, device, None, None, seed)
             self.multiview_options = comfy.model_patcher.create_model_options_clone(self.multiview_patcher.model_options)
             self.multiview_options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
@@ -176,12 +166,13 @@ class ComposedGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options=None, seed=None):
         model_options = model_options if model_options is not None else {}
-        grid, settings = self.grid, self.settings
+        conditioning, settings = self.grid_conditioning, self.settings
+        grid = conditioning.grid
         sigma = float(timestep.max())
         steps = len(self.sample_sigmas) - 1
         step = step_of_sigma(self.sample_sigmas, sigma)
         self.weights_log.append((step, sigma, multiview_weight(settings.schedule, step, steps)))
-        video_weight, multiview_weight_ = (w.to(x) for w in model_weights(settings.schedule, step, steps, grid.azimuths))
+        video_weight, multiview_weight_ = (w.to(x) for w in model_weights(settings.schedule, step, steps, conditioning.azimuths))
         guided = settings.guidance_sigmas[0] <= sigma <= settings.guidance_sigmas[1]
         video_cfg, multiview_cfg = (settings.video_cfg, settings.multiview_cfg) if guided else ((1.0, 1.0), (1.0, 1.0))
 
@@ -197,9 +188,9 @@ class ComposedGuider(comfy.samplers.CFGGuider):
                 self.predictions[role] = (evaluation, prediction)
         denoised = torch.zeros_like(x)
         if active["video"]:
-            denoised += video_weight.repeat_interleave(grid.frames).view(-1, 1, 1, 1) * self.predictions["video"][1]
+            denoised += grid.per_view(video_weight).view(-1, 1, 1, 1) * self.predictions["video"][1]
         if active["multiview"]:
-            denoised += multiview_weight_.repeat_interleave(grid.frames).view(-1, 1, 1, 1) * self.predictions["multiview"][1]
+            denoised += grid.per_view(multiview_weight_).view(-1, 1, 1, 1) * self.predictions["multiview"][1]
         return denoised
 
     def _needs_evaluation(self, role: str, evaluation: int, both_active: bool) -> bool:
@@ -215,28 +206,27 @@ class ComposedGuider(comfy.samplers.CFGGuider):
 
     def _video_prediction(self, x, timestep, model_options, cfg) -> torch.Tensor:
         """The video model's guided x0 of every row, view-major like the grid."""
-        grid = self.grid
+        grid = self.grid_conditioning.grid
         prediction = torch.empty_like(x)
 
         def evaluate(first: int, end: int) -> None:
             prediction[first * grid.frames:end * grid.frames] = self._denoise(
-                self.inner_model, self.conds, model_options, rows(x, grid.frames, first, end),
-                first * grid.frames, end * grid.frames, grid.frames, cfg, timestep)
+                self.inner_model, self.conds, model_options, grid.rows(x, first, end),
+                first * grid.frames, end * grid.frames, grid.row_grid, cfg, timestep)
 
         self._run_in_chunks(self.inner_model, x, grid.frames, grid.views, self.settings.videos_per_call, cfg, evaluate)
         return prediction
 
     def _multiview_prediction(self, x, timestep, cfg) -> torch.Tensor:
         """The multi-view model's guided x0 of every column, put back in the grid's view-major order."""
-        grid = self.grid
+        grid = self.grid_conditioning.grid
         prediction = torch.empty_like(x)
-        by_cell = rearrange(prediction, "(v f) ... -> v f ...", f=grid.frames)
 
         def evaluate(first: int, end: int) -> None:
             column_prediction = self._denoise(self.multiview_inner, self.multiview_conds, self.multiview_options,
-                                              columns(x, grid.frames, first, end), first * grid.views, end * grid.views,
-                                              grid.views, cfg, timestep)
-            by_cell[:, first:end] = rearrange(column_prediction, "(f v) ... -> v f ...", v=grid.views)
+                                              grid.columns(x, first, end), first * grid.views, end * grid.views,
+                                              grid.column_grid, cfg, timestep)
+            grid.put_columns(prediction, first, end, column_prediction)
 
         self._run_in_chunks(self.multiview_inner, x, grid.views, grid.frames, self.settings.multiview_sets_per_call, cfg, evaluate)
         return prediction
@@ -286,16 +276,17 @@ class ComposedGuider(comfy.samplers.CFGGuider):
                 memory.peak_bytes[end - first] = peak.bytes
             first = end
 
-    def _denoise(self, model, conds, model_options, x, first: int, end: int, group: int, cfg: tuple[float, float], timestep):
+    def _denoise(self, model, conds, model_options, x, first: int, end: int, call_grid: Grid, cfg: tuple[float, float], timestep):
         """Classifier-free guided x0 of a batch of whole videos / multi-view sets (batch items first..end-1 of the
-        grid in this model's order), with a per-position CFG scale linear from cfg[0] to cfg[1] in each group."""
-        batch = self.grid.views * self.grid.frames
-        positive = _slice_conds(conds["positive"], first, end, batch, group)
+        grid in this model's order, each a `call_grid`), with a per-position CFG scale linear from cfg[0] to cfg[1]
+        in each of them."""
+        batch, group = self.grid_conditioning.grid.cells, call_grid.cells
+        positive = _slice_conds(conds["positive"], first, end, batch, call_grid)
         scales = cfg_scales(cfg[0], cfg[1], group).repeat((end - first) // group)
         t = timestep[:1].repeat(end - first)
         if bool((scales == 1.0).all()):
             return comfy.samplers.calc_cond_batch(model, [positive], x, t, model_options)[0]
-        negative = _slice_conds(conds["negative"], first, end, batch, group)
+        negative = _slice_conds(conds["negative"], first, end, batch, call_grid)
         cond, uncond = comfy.samplers.calc_cond_batch(model, [positive, negative], x, t, model_options)
         scale = scales.to(x).view(-1, 1, 1, 1)
         return comfy.samplers.cfg_function(model, cond, uncond, scale, x, t, model_options=model_options,

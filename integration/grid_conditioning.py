@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.cameras import sv3d_angles
+from ..kernels.grid import Grid
 from .composed_guider import GridConditioning
 
 # ComfyUI's SV3D_p wraps azimuths with fmod(., 360), which would turn the reference view's 360 into 0; the official
@@ -48,10 +49,18 @@ def grid_conditioning(view_embeddings, view_latents, frame_embeddings, frame_lat
     column-major, per-view angles tiled per column). Every per-item tensor is full length: ComfyUI's
     resize_to_batch_size would stretch a shorter one ([a0, a0, a1, a1, ...]), not tile it."""
     views, frames = len(view_embeddings), len(frame_embeddings)
-    video = with_unconditional(view_embeddings.repeat_interleave(frames, 0), view_latents.repeat_interleave(frames, 0),
+    grid = Grid(views, frames)
+    video = with_unconditional(grid.per_view(view_embeddings), grid.per_view(view_latents),
                                {"fps": fps, "motion_bucket_id": motion_bucket_id, "augmentation_level": video_augmentation})
-    multiview = with_unconditional(frame_embeddings.repeat_interleave(views, 0), frame_latents.repeat_interleave(views, 0),
-                                   {"elevation": elevations * frames, "azimuth": azimuths * frames,
+
+    def column_major_per_frame(values):
+        return grid.column_major(grid.per_frame(values))
+
+    def column_major_per_view(values: list[float]) -> list[float]:
+        return grid.column_major(grid.per_view(torch.tensor(values, dtype=torch.float64))).tolist()
+
+    multiview = with_unconditional(column_major_per_frame(frame_embeddings), column_major_per_frame(frame_latents),
+                                   {"elevation": column_major_per_view(elevations), "azimuth": column_major_per_view(azimuths),
                                     "augmentation_level": multiview_augmentation})
     return GridConditioning(views=views, frames=frames, latent_height=view_latents.shape[-2],
                             latent_width=view_latents.shape[-1], azimuths=azimuths, elevations=elevations,

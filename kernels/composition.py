@@ -1,8 +1,6 @@
 """Diffusion² score composition: how much of the video model and of the multi-view model goes into each cell of
-a views x frames latent grid at each denoising step, the grid's row/column layouts, and the rollback Euler sampler.
-
-The grid travels view-major: cell (v, f) sits at batch index v * F + f, so row v (a video, one view over time) is
-the contiguous slice [v * F, (v + 1) * F) and column f (a multi-view set at one time) is every F-th item from f.
+a views x frames latent grid at each denoising step (the grid itself: `grid.py`), how calls are chunked, and the
+rollback Euler sampler.
 
 At equal sigma combining scores is the same as combining denoised predictions (score = (D - x) / sigma^2), so the
 composed denoiser is D = w_video * D_video(row) + w_multiview * D_multiview(column) with w_video + w_multiview = 1.
@@ -15,8 +13,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from einops import rearrange
-
 from .errors import InvalidInput
 
 SCHEDULES = ("constant", "linear", "logistic")
@@ -47,6 +43,37 @@ class CompositionSchedule:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise InvalidInput(name, f"{value} is outside [0, 1]", "a model weight is a fraction between 0 and 1")
+
+
+@dataclass(frozen=True)
+class GuiderSettings:
+    """Everything the composed guider needs to know besides its models and conditioning; the defaults are the
+    official Diffusion² settings and the one source the node schema and the benchmarks read."""
+
+    schedule: CompositionSchedule = CompositionSchedule()
+    video_cfg: tuple[float, float] = (1.5, 3.0)  # first and last frame of each video (SVD's linear CFG)
+    multiview_cfg: tuple[float, float] = (2.5, 2.5)  # first and last view of each multi-view set (SV3D: flat)
+    videos_per_call: int = 0  # 0: as many as fit in free memory
+    multiview_sets_per_call: int = 0
+    # optional speed-up (changes the result): classifier-free guidance only while sigma lies in this interval;
+    # outside it the unconditional pass is skipped. The default interval holds every sigma (off).
+    guidance_sigmas: tuple[float, float] = (0.0, math.inf)
+    # optional speed-up (changes the result): each evaluation runs one of the two models and reuses the other's
+    # prediction from the evaluation before (about half the UNet work per step)
+    alternate_models: bool = False
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """How the reference row and column condition the grid (official Diffusion² / SVD / SV3D values)."""
+
+    fps: int = 6  # SVD frame-rate conditioning
+    motion_bucket_id: int = 127  # SVD motion conditioning
+    video_augmentation: float = 0.02  # noise on the video model's reference pixels
+    multiview_augmentation: float = 1e-5  # noise on the multi-view model's reference pixels (SV3D)
+
+
+ROLLBACK_STEPS = 10  # official: the first 10 of 50 steps are taken twice (60 joint evaluations)
 
 
 def multiview_weight(schedule: CompositionSchedule, step: int, steps: int) -> float:
@@ -100,18 +127,6 @@ def check_descending(sigmas: torch.Tensor) -> None:
                            "use a scheduler's SIGMAS unchanged (e.g. KarrasScheduler 700 -> 0.002) or flip them")
 
 
-# Grid layouts. Rows are contiguous in the view-major batch; columns are gathered into column-major order.
-
-def rows(grid: torch.Tensor, frames: int, first: int, end: int) -> torch.Tensor:
-    """Rows first..end-1 as one batch of (end - first) videos, (n * F, ...)."""
-    return grid[first * frames:end * frames]
-
-
-def columns(grid: torch.Tensor, frames: int, first: int, end: int) -> torch.Tensor:
-    """Columns first..end-1 as one batch of (end - first) multi-view sets, column-major (n * V, ...)."""
-    return rearrange(rearrange(grid, "(v f) ... -> f v ...", f=frames)[first:end], "f v ... -> (f v) ...")
-
-
 def chunks(total: int, per_chunk: int) -> list[tuple[int, int]]:
     """[first, end) ranges of at most per_chunk items covering 0..total-1."""
     per_chunk = max(1, min(per_chunk, total))
@@ -151,7 +166,7 @@ Denoiser = Callable[..., torch.Tensor]
 @torch.no_grad()
 def sample_rollback_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                           callback: Callable[[dict], None] | None = None, disable: bool | None = None,
-                          rollback_steps: int = 10, noise_seed: int | None = None) -> torch.Tensor:
+                          rollback_steps: int = ROLLBACK_STEPS, noise_seed: int | None = None) -> torch.Tensor:
     """EDM Euler (k-diffusion calling convention) with Diffusion²'s "rollback" on the first `rollback_steps` steps:
     after the Euler step to sigma_{i+1}, add Gaussian noise of std |sigma_{i+1} - sigma_i| (back to about sigma_i)
     and take the step again from there, a Langevin-like correction that lets the composed scores settle.

@@ -15,6 +15,7 @@ from einops import rearrange
 
 from .cameras import CameraRig
 from .errors import InvalidInput
+from .grid import Grid
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,13 +96,13 @@ def from_image_batch(images: torch.Tensor, cameras: CameraRig, frames: int) -> M
     if len(cameras) not in (views, views * frames):
         raise InvalidInput("cameras", f"{len(cameras)} cameras but the batch holds {views} views x {frames} frames",
                            f"use a rig of {views} cameras (or {views * frames}), or change frames")
-    grid = images[..., :3].reshape(views, frames, *images.shape[1:3], 3).float().clamp(0, 1)
-    return MultiviewVideo(grid, cameras, even_times(frames))
+    matrix = Grid(views, frames).as_matrix(images[..., :3]).float().clamp(0, 1)
+    return MultiviewVideo(matrix, cameras, even_times(frames))
 
 
 def to_image_batch(video: MultiviewVideo) -> torch.Tensor:
     """The images as one ComfyUI IMAGE batch, view-major."""
-    return video.images.reshape(-1, *video.images.shape[2:])
+    return Grid(video.num_views, video.num_frames).as_batch(video.images)
 
 
 def mosaic(images: torch.Tensor, max_width: int = 1024) -> torch.Tensor:

@@ -13,10 +13,13 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
-from ..kernels.composition import SCHEDULES, CompositionSchedule, check_descending, sample_rollback_euler
+from ..kernels.grid import Grid
+from ..kernels.composition import (ROLLBACK_STEPS, SCHEDULES, CompositionSchedule, GuiderSettings, ReferenceSettings,
+                                   check_descending, sample_rollback_euler)
 from ..kernels.multiview_video import MultiviewVideo, even_times, mosaic
 from ..integration import host
-from ..integration.composed_guider import GUIDER, ComposedGuider, GuiderSettings
+from ..integration.composed_guider import GUIDER, ComposedGuider
+from ..integration.grid_latent import decode_grid, grid_latent, recorded_grid
 from ..integration.grid_conditioning import encode_references, grid_conditioning, official_sv3d_angles, sv3d_conditioning
 from ..integration.node_errors import input_error, kernel_errors_as_node_errors
 from .types import Cameras, GridConditioningSocket, MultiviewVideoSocket
@@ -25,8 +28,9 @@ SV3D_CONDITIONING = "MV4D SV3D Conditioning"
 GRID_CONDITIONING = "MV4D Grid Conditioning"
 ROLLBACK_EULER = "MV4D Rollback Euler"
 DECODE_GRID = "MV4D Decode Grid"
-GRID_KEY = "mv4d_grid"
-LATENT_CHANNELS = 4  # SVD and SV3D share Stable Diffusion's 4-channel, 8x-downscaled latent space
+SETTINGS, SCHEDULE, REFERENCE = GuiderSettings(), CompositionSchedule(), ReferenceSettings()  # the official defaults
+# The CFG interval's upper end in the node: above SVD/SV3D's sigma_max of 700, so every step is guided by default.
+GUIDANCE_SIGMA_MAX = 1000.0
 SUPPORTED_PAIRS = ("video model: SVD or SVD-XT (ImageOnlyCheckpointLoader, class SVD_img2vid); "
                    "multi-view model: SV3D_u or SV3D_p")
 
@@ -75,11 +79,6 @@ def sv3d_lists(node: str, cameras) -> tuple[list[float], list[float]]:
         return official_sv3d_angles(cameras)
 
 
-def grid_latent(views: int, frames: int, height: int, width: int) -> dict:
-    return {"samples": torch.zeros(views * frames, LATENT_CHANNELS, height // 8, width // 8),
-            GRID_KEY: {"views": views, "frames": frames}}
-
-
 class SV3DConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -95,7 +94,7 @@ class SV3DConditioning(io.ComfyNode):
                 io.Image.Input("init_image", tooltip="The input view; it is resized (centre crop) to the cameras' size."),
                 io.Vae.Input("vae", tooltip="The SV3D checkpoint's VAE."),
                 Cameras.Input("cameras", tooltip="The orbit, input view last (MV4D Orbit Cameras, order 'sv3d'; 21 views for SV3D)."),
-                io.Float.Input("augmentation_level", default=1e-5, min=0.0, max=10.0, step=1e-5,
+                io.Float.Input("augmentation_level", default=REFERENCE.multiview_augmentation, min=0.0, max=10.0, step=1e-5,
                                tooltip="Noise added to the conditioning image (official SV3D: 1e-5)."),
             ],
             outputs=[
@@ -113,9 +112,7 @@ class SV3DConditioning(io.ComfyNode):
                                            "bilinear", "center").movedim(1, -1)
         embedding, latent = encode_references(clip_vision, vae, image, augmentation_level)
         positive, negative = sv3d_conditioning(embedding, latent, elevations, azimuths, augmentation_level)
-        views = len(cameras)
-        return io.NodeOutput(positive, negative,
-                             {"samples": torch.zeros(views, LATENT_CHANNELS, cameras.height // 8, cameras.width // 8)})
+        return io.NodeOutput(positive, negative, {"samples": grid_latent(Grid(len(cameras), 1), cameras.height, cameras.width)["samples"]})
 
 
 class GridConditioningNode(io.ComfyNode):
@@ -135,11 +132,11 @@ class GridConditioningNode(io.ComfyNode):
                 Cameras.Input("cameras", tooltip="One camera per view, input view last (SV3D order)."),
                 io.Image.Input("reference_views", tooltip="One image per view (the reference column), in camera order."),
                 io.Image.Input("reference_frames", tooltip="One image per frame (the reference row): the video at the input view."),
-                io.Int.Input("fps", default=6, min=1, max=1024, tooltip="SVD frame-rate conditioning."),
-                io.Int.Input("motion_bucket_id", default=127, min=1, max=1023, tooltip="SVD motion conditioning (higher: more motion)."),
-                io.Float.Input("video_augmentation", default=0.02, min=0.0, max=10.0, step=0.001,
+                io.Int.Input("fps", default=REFERENCE.fps, min=1, max=1024, tooltip="SVD frame-rate conditioning."),
+                io.Int.Input("motion_bucket_id", default=REFERENCE.motion_bucket_id, min=1, max=1023, tooltip="SVD motion conditioning (higher: more motion)."),
+                io.Float.Input("video_augmentation", default=REFERENCE.video_augmentation, min=0.0, max=10.0, step=0.001,
                                tooltip="Noise added to the video model's reference images (official: 0.02)."),
-                io.Float.Input("multiview_augmentation", default=1e-5, min=0.0, max=10.0, step=1e-5,
+                io.Float.Input("multiview_augmentation", default=REFERENCE.multiview_augmentation, min=0.0, max=10.0, step=1e-5,
                                tooltip="Noise added to the multi-view model's reference images (official: 1e-5)."),
                 io.ClipVision.Input("multiview_clip_vision", optional=True,
                                     tooltip="CLIP vision for the multi-view model, if it should differ from clip_vision."),
@@ -166,7 +163,7 @@ class GridConditioningNode(io.ComfyNode):
                                                             multiview_augmentation)
         conditioning = grid_conditioning(view_embeddings, view_latents, frame_embeddings, frame_latents, elevations,
                                          azimuths, fps, motion_bucket_id, video_augmentation, multiview_augmentation)
-        return io.NodeOutput(conditioning, grid_latent(views, frames, height, width))
+        return io.NodeOutput(conditioning, grid_latent(Grid(views, frames), height, width))
 
 
 class ComposedGuiderNode(io.ComfyNode):
@@ -185,30 +182,30 @@ class ComposedGuiderNode(io.ComfyNode):
                 io.Model.Input("video_model", tooltip="SVD or SVD-XT."),
                 io.Model.Input("multiview_model", tooltip="SV3D_p or SV3D_u."),
                 GridConditioningSocket.Input("grid_conditioning", tooltip="From MV4D Grid Conditioning."),
-                io.Float.Input("video_cfg_first", default=1.5, min=0.0, max=100.0, step=0.1, tooltip="Video CFG at the first frame (official SVD: 1.5)."),
-                io.Float.Input("video_cfg_last", default=3.0, min=0.0, max=100.0, step=0.1, tooltip="Video CFG at the last frame, linear in between (official: 3.0)."),
-                io.Float.Input("multiview_cfg_first", default=2.5, min=0.0, max=100.0, step=0.1, tooltip="Multi-view CFG at the first view (official SV3D: 2.5 flat)."),
-                io.Float.Input("multiview_cfg_last", default=2.5, min=0.0, max=100.0, step=0.1, tooltip="Multi-view CFG at the last view, linear in between."),
-                io.Combo.Input("schedule", options=list(SCHEDULES), default="constant",
+                io.Float.Input("video_cfg_first", default=SETTINGS.video_cfg[0], min=0.0, max=100.0, step=0.1, tooltip="Video CFG at the first frame (official SVD: 1.5)."),
+                io.Float.Input("video_cfg_last", default=SETTINGS.video_cfg[1], min=0.0, max=100.0, step=0.1, tooltip="Video CFG at the last frame, linear in between (official: 3.0)."),
+                io.Float.Input("multiview_cfg_first", default=SETTINGS.multiview_cfg[0], min=0.0, max=100.0, step=0.1, tooltip="Multi-view CFG at the first view (official SV3D: 2.5 flat)."),
+                io.Float.Input("multiview_cfg_last", default=SETTINGS.multiview_cfg[1], min=0.0, max=100.0, step=0.1, tooltip="Multi-view CFG at the last view, linear in between."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default=SCHEDULE.kind,
                                tooltip="Multi-view weight s over the steps. constant: s = multiview_weight (official code). "
                                        "linear: weight_start -> weight_end. logistic: weight_start -> weight_end along "
                                        "1 - 1/(1 + exp(-k (x - center))) (paper: k 20, center 0.5)."),
-                io.Float.Input("multiview_weight", default=0.6, min=0.0, max=1.0, step=0.01, tooltip="s of the constant schedule (official: 0.6)."),
-                io.Float.Input("weight_start", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="s at the noisiest step (linear, logistic)."),
-                io.Float.Input("weight_end", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="s at the last step (linear, logistic)."),
-                io.Float.Input("logistic_k", default=15.0, min=0.0, max=200.0, step=0.5, tooltip="Steepness k of the logistic schedule (official code 15, paper 20)."),
-                io.Float.Input("logistic_center", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Centre s0 of the logistic schedule, as a fraction of the steps."),
-                io.Boolean.Input("per_view_weights", default=True,
+                io.Float.Input("multiview_weight", default=SCHEDULE.weight, min=0.0, max=1.0, step=0.01, tooltip="s of the constant schedule (official: 0.6)."),
+                io.Float.Input("weight_start", default=SCHEDULE.start, min=0.0, max=1.0, step=0.01, tooltip="s at the noisiest step (linear, logistic)."),
+                io.Float.Input("weight_end", default=SCHEDULE.end, min=0.0, max=1.0, step=0.01, tooltip="s at the last step (linear, logistic)."),
+                io.Float.Input("logistic_k", default=SCHEDULE.logistic_k, min=0.0, max=200.0, step=0.5, tooltip="Steepness k of the logistic schedule (official code 15, paper 20)."),
+                io.Float.Input("logistic_center", default=SCHEDULE.logistic_center, min=0.0, max=1.0, step=0.01, tooltip="Centre s0 of the logistic schedule, as a fraction of the steps."),
+                io.Boolean.Input("per_view_weights", default=SCHEDULE.per_view,
                                  tooltip="Official per-view modulation: side views lean on the multi-view model, front/back views keep the schedule."),
-                io.Int.Input("videos_per_call", default=0, min=0, max=4096, tooltip="Rows per video-model call; 0 = as many as fit in free memory."),
-                io.Int.Input("multiview_sets_per_call", default=0, min=0, max=4096, tooltip="Columns per multi-view-model call; 0 = as many as fit."),
-                io.Float.Input("guidance_sigma_min", default=0.0, min=0.0, max=1000.0, step=0.001,
+                io.Int.Input("videos_per_call", default=SETTINGS.videos_per_call, min=0, max=4096, tooltip="Rows per video-model call; 0 = as many as fit in free memory."),
+                io.Int.Input("multiview_sets_per_call", default=SETTINGS.multiview_sets_per_call, min=0, max=4096, tooltip="Columns per multi-view-model call; 0 = as many as fit."),
+                io.Float.Input("guidance_sigma_min", default=SETTINGS.guidance_sigmas[0], min=0.0, max=1000.0, step=0.001,
                                tooltip="Optional speed-up, off by default: CFG only while sigma is between guidance_sigma_min "
                                        "and guidance_sigma_max; other steps skip the unconditional pass (half their UNet "
                                        "work). It changes the result; its effect on real-model quality is not measured."),
-                io.Float.Input("guidance_sigma_max", default=1000.0, min=0.0, max=1000.0, step=0.001,
+                io.Float.Input("guidance_sigma_max", default=GUIDANCE_SIGMA_MAX, min=0.0, max=GUIDANCE_SIGMA_MAX, step=0.001,
                                tooltip="Upper end of the CFG interval (1000: above SVD/SV3D's 700, i.e. every step is guided)."),
-                io.Boolean.Input("alternate_models", default=False, optional=True,
+                io.Boolean.Input("alternate_models", default=SETTINGS.alternate_models, optional=True,
                                  tooltip="Optional speed-up, off by default: each evaluation runs only one of the two models "
                                          "(video, then multi-view, in turn) and reuses the other's prediction from the "
                                          "evaluation before: about half the UNet work. It changes the result; its effect "
@@ -221,7 +218,7 @@ class ComposedGuiderNode(io.ComfyNode):
     def execute(cls, video_model, multiview_model, grid_conditioning, video_cfg_first, video_cfg_last,
                 multiview_cfg_first, multiview_cfg_last, schedule, multiview_weight, weight_start, weight_end,
                 logistic_k, logistic_center, per_view_weights, videos_per_call, multiview_sets_per_call,
-                guidance_sigma_min=0.0, guidance_sigma_max=1000.0, alternate_models=False) -> io.NodeOutput:
+                guidance_sigma_min=0.0, guidance_sigma_max=GUIDANCE_SIGMA_MAX, alternate_models=False) -> io.NodeOutput:
         if guidance_sigma_min > guidance_sigma_max:
             raise input_error(GUIDER, "guidance_sigma_min", f"{guidance_sigma_min} is above guidance_sigma_max {guidance_sigma_max}",
                               "set guidance_sigma_min <= guidance_sigma_max (or 0 and 1000 to guide every step)")
@@ -256,19 +253,13 @@ class RollbackEuler(io.ComfyNode):
             description="EDM Euler with Diffusion²'s rollback: on the first steps, after each Euler step the latent is "
                         "re-noised by the step size and the step is taken again (official: 10 of 50 steps, 60 "
                         "evaluations). Works with any scheduler's sigmas (official: Karras 700 -> 0.002, rho 7).",
-            inputs=[io.Int.Input("rollback_steps", default=10, min=0, max=10000, tooltip="Steps that are taken twice (0 = plain Euler).")],
+            inputs=[io.Int.Input("rollback_steps", default=ROLLBACK_STEPS, min=0, max=10000, tooltip="Steps that are taken twice (0 = plain Euler).")],
             outputs=[io.Sampler.Output("sampler", tooltip="For SamplerCustomAdvanced.")],
         )
 
     @classmethod
     def execute(cls, rollback_steps) -> io.NodeOutput:
         return io.NodeOutput(comfy.samplers.KSAMPLER(rollback_euler, extra_options={"rollback_steps": rollback_steps}))
-
-
-def has_temporal_decoder(vae) -> bool:
-    from comfy.ldm.modules.temporal_ae import VideoDecoder
-
-    return isinstance(getattr(getattr(vae, "first_stage_model", None), "decoder", None), VideoDecoder)
 
 
 class DecodeGrid(io.ComfyNode):
@@ -304,25 +295,17 @@ class DecodeGrid(io.ComfyNode):
         if samples.ndim != 4 or samples.shape[0] % views:
             raise input_error(node, "grid_latent", f"a latent batch of {samples.shape[0]} does not split into {views} views",
                               "connect the grid sampled from MV4D Grid Conditioning's latent with the same cameras")
-        frames = samples.shape[0] // views
-        recorded = grid_latent.get(GRID_KEY)
-        if recorded is not None and (recorded["views"], recorded["frames"]) != (views, frames):
-            raise input_error(node, "grid_latent", f"the latent is a {recorded['views']} x {recorded['frames']} grid "
+        grid = Grid(views, samples.shape[0] // views)
+        recorded = recorded_grid(grid_latent)
+        if recorded is not None and recorded != grid:
+            raise input_error(node, "grid_latent", f"the latent is a {recorded.views} x {recorded.frames} grid "
                               f"but the cameras have {views} views", "connect the cameras the grid was conditioned on")
-        if has_temporal_decoder(vae):  # decode row by row: a temporal decoder must not mix views
-            on_step = host.progress()
-            decoded = []
-            for row in samples.split(frames):
-                decoded += [vae.decode(part) for part in row.split(frames_per_decode or frames)]
-                on_step(len(decoded), views * -(-frames // (frames_per_decode or frames)))
-        else:  # frames are decoded independently; ComfyUI batches them to free memory
-            decoded = [vae.decode(samples)]
-        images = torch.cat(decoded).reshape(views, frames, *decoded[0].shape[-3:])[..., :3].float().clamp(0, 1)
+        images = decode_grid(vae, samples, grid, frames_per_decode, host.progress())
         if tuple(images.shape[2:4]) != (cameras.height, cameras.width):
             raise input_error(node, "cameras", f"the decoded images are {images.shape[3]}x{images.shape[2]} but the "
                               f"cameras are {cameras.width}x{cameras.height}", "use the cameras the grid was conditioned on")
         with kernel_errors_as_node_errors(node):
-            video = MultiviewVideo(images.cpu(), cameras, even_times(frames))
+            video = MultiviewVideo(images.cpu(), cameras, even_times(grid.frames))
         tiles = mosaic(video.images)
         preview = ui.ImageSaveHelper.save_animated_webp(tiles, "mv4d_grid", io.FolderType.temp, cls, preview_fps, False, 85, 4)
         return io.NodeOutput(video, tiles, ui=ui.SavedImages([preview], is_animated=len(tiles) > 1))

@@ -27,6 +27,7 @@ SAVE = "MV4D Save 4D"
 LOAD = "MV4D Load 4D"
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
 LOSSES = {"L1 + D-SSIM": False, "confidence-weighted D-SSIM (Diffusion²)": True}
+FIT_DEFAULTS, MOTION_DEFAULTS = FitSettings(), MotionConfig()
 CORE_SPLAT = getattr(io, "Splat", None)  # ComfyUI 0.29+: core gaussian-splat type and nodes
 
 
@@ -83,23 +84,23 @@ class Fit4DGaussians(io.ComfyNode):
             ),
             inputs=[
                 MultiviewVideoSocket.Input("multiview_video", tooltip="Views x frames images with their cameras."),
-                io.Int.Input("iterations", default=5000, min=1, max=200000, tooltip="Optimisation steps (Diffusion²: 5000)."),
-                io.Int.Input("resolution", default=576, min=0, max=4096, tooltip="Long side of the images the fit compares against (0 = their own size)."),
-                io.Int.Input("views_per_step", default=3, min=1, max=64, tooltip="Views of one frame rendered per step. 3 fits 21 views x 25 frames at 576 px in about 28 s on an H200 (5000 steps); 4 gains about 0.25 dB for about 15% more time."),
-                io.Int.Input("initial_gaussians", default=20000, min=1, max=2_000_000, tooltip="Gaussians to start from."),
-                io.Int.Input("max_gaussians", default=1_000_000, min=1, max=20_000_000, tooltip="Densification stops adding past this count (VRAM bound)."),
-                io.Boolean.Input("densify", default=True, tooltip="Split, clone and prune Gaussians during the fit (3DGS adaptive density control)."),
-                io.Float.Input("densify_until", default=0.6, min=0.0, max=1.0, step=0.05, tooltip="Fraction of the iterations after which densification stops."),
-                io.Float.Input("grow_threshold", default=0.0002, min=0.0, max=0.01, step=0.00005, tooltip="Image-space gradient above which a Gaussian is split or cloned."),
-                io.Int.Input("position_degree", default=3, min=0, max=6, tooltip="Polynomial degree of each trajectory (0 = none)."),
-                io.Int.Input("fourier_terms", default=2, min=0, max=8, tooltip="Sine/cosine pairs added to each trajectory (.splatv export then approximates)."),
-                io.Int.Input("rotation_degree", default=1, min=0, max=3, tooltip="Polynomial degree of each Gaussian's rotation over time."),
-                io.Boolean.Input("temporal_opacity", default=True, tooltip="Let each Gaussian fade in and out around its own time."),
-                io.Int.Input("sh_degree", default=1, min=0, max=3, tooltip="Spherical-harmonics degree of the colours (0 = view-independent)."),
+                io.Int.Input("iterations", default=FIT_DEFAULTS.iterations, min=1, max=200000, tooltip="Optimisation steps (Diffusion²: 5000)."),
+                io.Int.Input("resolution", default=FIT_DEFAULTS.resolution, min=0, max=4096, tooltip="Long side of the images the fit compares against (0 = their own size)."),
+                io.Int.Input("views_per_step", default=FIT_DEFAULTS.views_per_step, min=1, max=64, tooltip="Views of one frame rendered per step: more views per step fit a little better per iteration and take longer (bench/RESULTS.md has figures)."),
+                io.Int.Input("initial_gaussians", default=FIT_DEFAULTS.initial_gaussians, min=1, max=2_000_000, tooltip="Gaussians to start from."),
+                io.Int.Input("max_gaussians", default=FIT_DEFAULTS.max_gaussians, min=1, max=20_000_000, tooltip="Densification stops adding past this count (VRAM bound)."),
+                io.Boolean.Input("densify", default=FIT_DEFAULTS.densify, tooltip="Split, clone and prune Gaussians during the fit (3DGS adaptive density control)."),
+                io.Float.Input("densify_until", default=FIT_DEFAULTS.densify_stop, min=0.0, max=1.0, step=0.05, tooltip="Fraction of the iterations after which densification stops."),
+                io.Float.Input("grow_threshold", default=FIT_DEFAULTS.grow_grad2d, min=0.0, max=0.01, step=0.00005, tooltip="Image-space gradient above which a Gaussian is split or cloned."),
+                io.Int.Input("position_degree", default=MOTION_DEFAULTS.position_degree, min=0, max=6, tooltip="Polynomial degree of each trajectory (0 = none)."),
+                io.Int.Input("fourier_terms", default=MOTION_DEFAULTS.fourier_terms, min=0, max=8, tooltip="Sine/cosine pairs added to each trajectory (.splatv export then approximates)."),
+                io.Int.Input("rotation_degree", default=MOTION_DEFAULTS.rotation_degree, min=0, max=3, tooltip="Polynomial degree of each Gaussian's rotation over time."),
+                io.Boolean.Input("temporal_opacity", default=MOTION_DEFAULTS.temporal_opacity, tooltip="Let each Gaussian fade in and out around its own time."),
+                io.Int.Input("sh_degree", default=MOTION_DEFAULTS.sh_degree, min=0, max=3, tooltip="Spherical-harmonics degree of the colours (0 = view-independent)."),
                 io.Combo.Input("loss", options=list(LOSSES), default="L1 + D-SSIM", tooltip="Photometric loss; Diffusion² weights D-SSIM (and LPIPS) by per-image confidence."),
-                io.Float.Input("lpips_weight", default=0.0, min=0.0, max=10.0, step=0.05, tooltip="Weight of LPIPS; needs vgg16 and LPIPS vgg.pth in ComfyUI/models/lpips."),
+                io.Float.Input("lpips_weight", default=FIT_DEFAULTS.lpips_weight, min=0.0, max=10.0, step=0.05, tooltip="Weight of LPIPS; needs vgg16 and LPIPS vgg.pth in ComfyUI/models/lpips."),
                 io.Combo.Input("background", options=list(BACKGROUNDS), default="white", tooltip="Colour behind the Gaussians; match the images' background (SV3D: white)."),
-                io.Int.Input("fit_seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of initialisation and view sampling."),
+                io.Int.Input("fit_seed", default=FIT_DEFAULTS.seed, min=0, max=2**31 - 1, tooltip="Seed of initialisation and view sampling."),
             ],
             outputs=[Splats4DSocket.Output("splats_4d", tooltip="The fitted 4D Gaussians."), *splat_outputs()],
         )

@@ -36,7 +36,7 @@ POSITION_PARAMETERS = ("means", "position_motion")
 @dataclass(frozen=True)
 class FitSettings:
     iterations: int = 5000
-    resolution: int = 0  # long side of the images the fit sees (0 = the video's own size)
+    resolution: int = 576  # long side of the images the fit sees (0 or at least the video's size: its own size)
     views_per_step: int = 3
     initial_gaussians: int = 20_000
     max_gaussians: int = 1_000_000  # densification stops growing past this count (a VRAM bound)

@@ -383,7 +383,7 @@ def test_decode_grid_gives_a_multiview_video_and_a_mosaic(mv4d_nodes, models, ca
 def test_a_temporal_decoder_decodes_each_row_on_its_own(mv4d_nodes):
     """SVD's VAE mixes frames in its decoder: rows must be decoded separately (and chunked as asked)."""
     import comfy.sd
-    from mv4d.nodes.composition import has_temporal_decoder
+    from mv4d.integration.grid_latent import has_temporal_decoder
     from mv4d_tiny_models import init_weights
 
     # ComfyUI builds SVD's VAE (full size, temporal decoder) when it sees this key; random weights, tiny images

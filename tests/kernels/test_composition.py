@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mv4d.kernels.composition import (CompositionSchedule, balanced_chunk, cfg_scales, check_descending, chunks, columns, items_that_fit,
-                                      model_weights, multiview_weight, rows, sample_rollback_euler,
+from mv4d.kernels.composition import (CompositionSchedule, balanced_chunk, cfg_scales, check_descending, chunks, items_that_fit,
+                                      model_weights, multiview_weight, sample_rollback_euler,
                                       step_of_sigma, view_video_shares)
 from mv4d.kernels.errors import InvalidInput
 
@@ -66,12 +66,7 @@ def test_step_of_sigma_finds_the_interval():
     assert step_of_sigma(sigmas, 800.0) == 0
 
 
-def test_rows_and_columns_are_the_view_major_grid():
-    views, frames = 3, 4
-    grid = torch.arange(views * frames).float()[:, None]  # item v * F + f holds its own index
-    assert rows(grid, frames, 1, 3).flatten().tolist() == list(range(4, 12))
-    assert columns(grid, frames, 1, 3).flatten().tolist() == [1, 5, 9, 2, 6, 10]  # column-major: f * V + v
-    assert sorted(columns(grid, frames, 0, frames).flatten().tolist()) == list(range(views * frames))
+def test_chunks_cover_the_items():
     assert chunks(7, 3) == [(0, 3), (3, 6), (6, 7)] and chunks(2, 0) == [(0, 1), (1, 2)] and chunks(2, 99) == [(0, 2)]
 
 
