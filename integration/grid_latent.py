@@ -13,16 +13,27 @@ LATENT_CHANNELS = 4  # SVD, SV3D, SD1.5 / SD2.1 (MVDream, ImageDream, AnimateDif
 LATENT_SCALE = 8  # ... downscaled 8x
 
 
-def grid_latent(grid: Grid, height: int, width: int) -> dict:
-    """An empty grid LATENT for images of height x width pixels."""
+CONTROL_VIEW = "control_view"  # in a LATENT's grid record: its last view is a conditioning slot (ImageDream's pixel controller)
+
+
+def grid_latent(grid: Grid, height: int, width: int, control_view: bool = False) -> dict:
+    """An empty grid LATENT for images of height x width pixels. control_view: the grid's last view carries the
+    input image for the model (ImageDream's pixel controller) and is no output image."""
+    record = {**grid.as_dict(), **({CONTROL_VIEW: True} if control_view else {})}
     return {"samples": torch.zeros(grid.cells, LATENT_CHANNELS, height // LATENT_SCALE, width // LATENT_SCALE),
-            GRID_OPTION: grid.as_dict()}
+            GRID_OPTION: record}
 
 
-def recorded_grid(latent: dict) -> Grid | None:
-    """The grid a LATENT says it holds (None for a plain latent)."""
-    recorded = latent.get(GRID_OPTION)
-    return None if recorded is None else Grid(int(recorded["views"]), int(recorded["frames"]))
+def image_samples(latent: dict) -> tuple[torch.Tensor, Grid | None]:
+    """The latent's items that are images, and the grid the LATENT records for them (None for a plain latent).
+    A control view (ImageDream's pixel controller, the last view) is no image and is left out."""
+    samples, recorded = latent["samples"], latent.get(GRID_OPTION)
+    if recorded is None:
+        return samples, None
+    grid = Grid(int(recorded["views"]), int(recorded["frames"]))
+    if recorded.get(CONTROL_VIEW):
+        return grid.rows(samples, 0, grid.views - 1), Grid(grid.views - 1, grid.frames)
+    return samples, grid
 
 
 def has_temporal_decoder(vae) -> bool:

@@ -313,6 +313,22 @@ def sv3d_angles(rig: CameraRig, reference_view: int = -1) -> SV3DAngles:
     return SV3DAngles(elevations.tolist(), relative.tolist())
 
 
+def mvdream_cameras(rig: CameraRig) -> torch.Tensor:
+    """(N, 16) camera embeddings in MVDream's (and ImageDream's, 4DM's) convention: the flattened 4 x 4
+    camera-to-world matrix with OpenGL camera axes (x right, y up, z backward) in a +Z-up world (MVDream's
+    "Blender" coordinates, which our orbit rigs share) and the camera centre normalised onto the unit sphere
+    (MVDream's normalize_camera). MVDream's azimuth a is our a - 90: its default views (azimuth 90, 180, 270, 360 at
+    elevation 15) are our orbit from azimuth 0, ImageDream's (azimuth 0, ...) our orbit from -90."""
+    camera_to_world = rig.camera_to_world.clone()
+    camera_to_world[:, :3, 1:3] *= -1  # OpenCV y down, z forward -> OpenGL y up, z backward
+    distance = camera_to_world[:, :3, 3].norm(dim=-1, keepdim=True)
+    if (distance < 1e-9).any():
+        raise InvalidInput("cameras", f"camera {int((distance[:, 0] < 1e-9).nonzero()[0])} sits at the world origin",
+                           "MVDream cameras look at an object at the origin from around it: use an orbit rig")
+    camera_to_world[:, :3, 3] /= distance
+    return camera_to_world.reshape(len(rig), 16).float()
+
+
 def interpolate_world_to_camera(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
     """Pose interpolation: slerp of the camera orientation, linear blend of the camera centre.
 

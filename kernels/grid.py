@@ -39,6 +39,15 @@ class Grid:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(name, f"a grid needs at least 1 {name[:-1]}, got {value!r}", f"give a whole number of {name} >= 1")
 
+    @classmethod
+    def of(cls, value) -> Grid:
+        """A Grid from a Grid, its dict form ({"views": V, "frames": F}) or anything with views and frames."""
+        if isinstance(value, Grid):
+            return value
+        if isinstance(value, dict):
+            return cls(int(value["views"]), int(value["frames"]))
+        return cls(int(value.views), int(value.frames))
+
     @property
     def cells(self) -> int:
         return self.views * self.frames
@@ -139,6 +148,4 @@ def grid_of(options: dict | None) -> Grid:
     """The grid a model call's transformer_options carry, or a 1 x 1 grid when none is set (a plain sampler call:
     every item is its own grid, so folds leave it unchanged)."""
     grid = (options or {}).get(GRID_OPTION)
-    if grid is None:
-        return Grid(1, 1)
-    return grid if isinstance(grid, Grid) else Grid(int(grid["views"]), int(grid["frames"]))
+    return Grid(1, 1) if grid is None else Grid.of(grid)

@@ -7,6 +7,7 @@ from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, R
 from .epipolar import EpipolarMask, PreviewEpipolarMask
 from ..integration.host import register_model_folders
 from .load_multiview import LoadMultiviewImages
+from .multiview import ImageDreamConditioning, LoadMultiviewModel, MultiviewConditioning
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
 from .speed import Fp8MatmulsNode
 from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
@@ -14,6 +15,7 @@ from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
 NODES: list[type[io.ComfyNode]] = [
     OrbitCameras, LoadCameraTrajectory, EpipolarMask, PreviewEpipolarMask,
     LoadMultiviewImages, ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
+    LoadMultiviewModel, MultiviewConditioning, ImageDreamConditioning,
     SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
     Fit4DGaussians, Render4D, Save4D, Load4D,
 ]

@@ -19,7 +19,7 @@ from ..kernels.composition import (ROLLBACK_STEPS, SCHEDULES, CompositionSchedul
 from ..kernels.multiview_video import MultiviewVideo, even_times, mosaic
 from ..integration import host
 from ..integration.composed_guider import GUIDER, ComposedGuider
-from ..integration.grid_latent import decode_grid, grid_latent, recorded_grid
+from ..integration.grid_latent import decode_grid, grid_latent, image_samples
 from ..integration.grid_conditioning import encode_references, grid_conditioning, official_sv3d_angles, sv3d_conditioning
 from ..integration.node_errors import input_error, kernel_errors_as_node_errors
 from .types import Cameras, GridConditioningSocket, MultiviewVideoSocket
@@ -290,13 +290,12 @@ class DecodeGrid(io.ComfyNode):
     @classmethod
     def execute(cls, vae, grid_latent, cameras, frames_per_decode, preview_fps) -> io.NodeOutput:
         node = DECODE_GRID
-        samples = grid_latent["samples"]
+        samples, recorded = image_samples(grid_latent)
         views = len(cameras)
         if samples.ndim != 4 or samples.shape[0] % views:
             raise input_error(node, "grid_latent", f"a latent batch of {samples.shape[0]} does not split into {views} views",
                               "connect the grid sampled from MV4D Grid Conditioning's latent with the same cameras")
         grid = Grid(views, samples.shape[0] // views)
-        recorded = recorded_grid(grid_latent)
         if recorded is not None and recorded != grid:
             raise input_error(node, "grid_latent", f"the latent is a {recorded.views} x {recorded.frames} grid "
                               f"but the cameras have {views} views", "connect the cameras the grid was conditioned on")

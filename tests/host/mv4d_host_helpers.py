@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = ROOT / "workflows"
 
 
 def run_node(node_class, **inputs):
@@ -81,13 +87,21 @@ TINY_SETTING = {"views": 4, "frames": 3, "size": 64, "steps": 3}
 TINY_FIT = {"iterations": 20, "initial_gaussians": 500, "max_gaussians": 4000}
 
 
+TINY_LOADERS = {"ImageOnlyCheckpointLoader", "MV4D_LoadMultiviewModel"}
+
+
+def tiny_multiview_kind(ckpt_name: str) -> str:
+    name = ckpt_name.lower()
+    return "imagedream" if "ipmv" in name else "mvdream-sd15" if "v1.5" in name or "sd15" in name else "mvdream-sd21"
+
+
 def on_tiny_models(prompt: dict) -> dict:
     """A shipped prompt made runnable on a test machine: real checkpoint loaders (no weights can be downloaded
-    here) swapped for the test-only tiny SVD / SV3D models, and views, frames, size, steps and the 4D fit shrunk
-    for a CPU. Prompts without checkpoint loaders come back unchanged."""
+    here) swapped for the test-only tiny SVD / SV3D / MVDream / ImageDream models, and views, frames, size, steps and
+    the 4D fit shrunk for a CPU. Prompts without checkpoint loaders come back unchanged."""
     import copy
 
-    if not any(node["class_type"] == "ImageOnlyCheckpointLoader" for node in prompt.values()):
+    if not any(node["class_type"] in TINY_LOADERS for node in prompt.values()):
         return prompt
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
@@ -97,6 +111,9 @@ def on_tiny_models(prompt: dict) -> dict:
             name = inputs["ckpt_name"].lower()
             node["class_type"] = "MV4DTest_TinyCheckpoint"
             node["inputs"] = {"kind": "sv3d_p" if "sv3d_p" in name else "sv3d_u" if "sv3d" in name else "svd"}
+        elif kind == "MV4D_LoadMultiviewModel":
+            node["class_type"] = "MV4DTest_TinyMultiviewModel"
+            node["inputs"] = {"kind": tiny_multiview_kind(inputs["ckpt_name"])}
         elif kind == "PrimitiveInt" and title in TINY_SETTING:
             inputs["value"] = TINY_SETTING[title]
         elif kind == "MV4D_Fit4DGaussians":
@@ -120,3 +137,113 @@ def wait_until_node_progresses(server_url: str, client_id: str, node_id: str, ti
                             return
 
     asyncio.run(asyncio.wait_for(listen(), timeout))
+
+
+# A test server: ComfyUI on 127.0.0.1 loading this checkout in place, with the inputs our workflows name.
+
+@dataclass
+class Server:
+    url: str
+    base: Path
+    log: Path
+    process: subprocess.Popen
+
+    @property
+    def input_dir(self) -> Path:
+        return self.base / "input"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base / "output"
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def test_picture(shift: int = 0):
+    """A 64 x 64 RGB test card (uint8); `shift` moves its checkerboard, so frames and views differ."""
+    import numpy as np
+
+    y, x = np.mgrid[0:64, 0:64]
+    return np.stack([x * 4, y * 4, (((x + shift) // 8 + y // 8) % 2) * 255], axis=-1).astype(np.uint8)
+
+
+def write_input_image(path: Path) -> None:
+    from PIL import Image  # a ComfyUI requirement
+
+    Image.fromarray(test_picture()).save(path)
+
+
+def write_input_views(folder: Path, views: int = 4) -> None:
+    """A multi-view set as our multi-view workflow loads it: one image per view in a folder of input/."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for view in range(views):
+        Image.fromarray(test_picture(shift=3 * view)).save(folder / f"view_{view:02d}.png")
+
+
+def write_input_video(path: Path, frames: int = 6) -> None:
+    """A short H.264 clip for the video workflow's LoadVideo (PyAV is a ComfyUI requirement)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for frame in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(test_picture(shift=2 * frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def start_test_server(host: Path, base: Path, start_timeout: float = 180) -> Server:
+    """ComfyUI from `host` on a free port of 127.0.0.1, with its folders under `base`, loading this checkout as pack
+    'mv4d' and the test-only tiny-model pack beside it. Raises RuntimeError (with the log tail) if it does not start."""
+    from mv4d.runner.local_server import free_port
+
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "mv4d").symlink_to(ROOT, target_is_directory=True)
+    # test-only: tiny models in place of real ones (see tiny_model_nodes/__init__.py)
+    (base / "custom_nodes" / "mv4d_test_models").symlink_to(Path(__file__).parent / "tiny_model_nodes", target_is_directory=True)
+    for name in ("input", "output", "temp", "user"):
+        (base / name).mkdir()
+    write_input_image(base / "input" / "mv4d_input.png")
+    write_input_video(base / "input" / "mv4d_input.mp4")
+    write_input_views(base / "input" / "mv4d_views")
+    paths = base / "extra_model_paths.yaml"
+    paths.write_text(f"mv4d_tests:\n  base_path: {base}\n  custom_nodes: custom_nodes\n")
+    port = free_port()
+    command = [
+        sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+        "--extra-model-paths-config", str(paths), "--input-directory", str(base / "input"),
+        "--output-directory", str(base / "output"), "--temp-directory", str(base / "temp"),
+        "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:",
+        "--disable-all-custom-nodes", "--whitelist-custom-nodes", "mv4d", "mv4d_test_models", "--disable-auto-launch",
+    ]
+    log = base / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(command, cwd=host, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", base, log, process)
+    deadline = time.monotonic() + start_timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {process.returncode} while starting:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(server.url + "/system_stats", timeout=2):
+                return server
+        except OSError:
+            if time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                raise RuntimeError(f"ComfyUI did not answer within {start_timeout:.0f} s:\n{server.log_tail()}")
+            time.sleep(0.5)

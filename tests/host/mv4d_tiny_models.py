@@ -119,3 +119,127 @@ def record_fp8_modes(monkeypatch) -> list:
 
     monkeypatch.setattr(fp8_patch, "Fp8Matmuls", RecordedFp8Matmuls)
     return modes
+
+
+# Tiny MVDream / ImageDream checkpoints in the released key layouts (original .pt prefixes, diffusers folders).
+
+TEXT_DIM = 64  # the tiny text encoder's width = the tiny SD UNets' cross-attention width (768 / 1024 for real)
+IMAGE_HIDDEN = CONTEXT_DIM  # the tiny CLIP vision's hidden width (ViT-H/14's 1280 for real ImageDream)
+TINY_SD = dict(in_channels=4, out_channels=4, model_channels=64, channel_mult=[1, 1, 2, 2], num_res_blocks=[2, 2, 2, 2],
+               transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+               transformer_depth_middle=1, context_dim=TEXT_DIM, adm_in_channels=None, use_temporal_attention=False,
+               use_temporal_resblock=False, image_size=32, use_spatial_transformer=True, legacy=False, use_checkpoint=False)
+MULTIVIEW_KINDS = ("mvdream-sd15", "mvdream-sd21", "imagedream")
+
+
+REAL_SD = {**TINY_SD, "model_channels": 320, "channel_mult": [1, 2, 4, 4]}  # SD1.5 / SD2.1 (context set by the base)
+SD_CONTEXT = {"SD15": 768, "SD20": 1024}
+
+
+def tiny_sd_model(base: str, seed: int = 0, size: dict = TINY_SD, dtype: torch.dtype | None = None, device=None):
+    """A stock ComfyUI SD15 / SD20 BaseModel (eps) with the real block layout (16 transformer blocks): tiny by
+    default, the released architecture with size=REAL_SD (random weights, for benchmarks)."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    unet = {**size, "use_linear_in_transformer": base == "SD20"}
+    if size is REAL_SD:
+        unet["context_dim"] = SD_CONTEXT[base]
+    config = getattr(comfy.supported_models, base)(unet)
+    if dtype is not None:
+        config.set_inference_dtype(dtype, None)
+    model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device=device)
+    init_weights(model, seed)
+    return model
+
+
+def tiny_multiview_unet(kind: str, seed: int = 0) -> dict:
+    """The UNet of a tiny MVDream / ImageDream file, keys without prefix: SD's keys + camera_embed.* (+ image_embed.*
+    and attn2.to_k_ip / to_v_ip for ImageDream), as the released files hold them."""
+    from mv4d.kernels.models.sd_unet import block_prefix, transformer_block_keys
+
+    generator = torch.Generator().manual_seed(seed + 1000)
+
+    def weight(*shape):
+        return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
+
+    unet = {key: value.clone() for key, value in tiny_sd_model("SD15" if kind == "mvdream-sd15" else "SD20", seed).diffusion_model.state_dict().items()}
+    time_dim = 4 * TINY_SD["model_channels"]
+    unet.update({"camera_embed.0.weight": weight(time_dim, 16), "camera_embed.0.bias": weight(time_dim),
+                 "camera_embed.2.weight": weight(time_dim, time_dim), "camera_embed.2.bias": weight(time_dim)})
+    if kind == "imagedream":
+        dim, inner = TEXT_DIM, 64  # one 64-wide head, ImageDream's head width
+        resampler = {"latents": weight(1, 16, dim), "proj_in.weight": weight(dim, IMAGE_HIDDEN), "proj_in.bias": weight(dim),
+                     "proj_out.weight": weight(TEXT_DIM, dim), "proj_out.bias": weight(TEXT_DIM),
+                     "norm_out.weight": 1 + weight(TEXT_DIM), "norm_out.bias": weight(TEXT_DIM)}
+        for layer in range(2):
+            resampler.update({f"layers.{layer}.0.norm1.weight": 1 + weight(dim), f"layers.{layer}.0.norm1.bias": weight(dim),
+                              f"layers.{layer}.0.norm2.weight": 1 + weight(dim), f"layers.{layer}.0.norm2.bias": weight(dim),
+                              f"layers.{layer}.0.to_q.weight": weight(inner, dim), f"layers.{layer}.0.to_kv.weight": weight(2 * inner, dim),
+                              f"layers.{layer}.0.to_out.weight": weight(dim, inner),
+                              f"layers.{layer}.1.0.weight": 1 + weight(dim), f"layers.{layer}.1.0.bias": weight(dim),
+                              f"layers.{layer}.1.1.weight": weight(4 * dim, dim), f"layers.{layer}.1.3.weight": weight(dim, 4 * dim)})
+        unet.update({f"image_embed.{key}": value for key, value in resampler.items()})
+        keys = list(unet)
+        for block in transformer_block_keys(keys):
+            prefix = block_prefix(block, keys)
+            inner_dim = unet[f"{prefix}attn2.to_k.weight"].shape[0]
+            unet[f"{prefix}attn2.to_k_ip.weight"] = weight(inner_dim, TEXT_DIM)
+            unet[f"{prefix}attn2.to_v_ip.weight"] = weight(inner_dim, TEXT_DIM)
+    return unet
+
+
+def tiny_multiview_checkpoint(kind: str, seed: int = 0) -> dict:
+    """A tiny original-layout .pt state dict (model.diffusion_model.*; no encoders: the tiny text encoder, VAE and
+    CLIP vision come from tiny_text_encoder / tiny_vae / tiny_clip_vision, as the loader says for such files)."""
+    return {f"model.diffusion_model.{key}": value for key, value in tiny_multiview_unet(kind, seed).items()}
+
+
+def write_diffusers_folder(folder, kind: str, seed: int = 0) -> None:
+    """A diffusers-format folder as ashawkey/mvdream_diffusers writes it (unet/ with the LDM keys, no prefix)."""
+    from pathlib import Path
+
+    import safetensors.torch
+
+    folder = Path(folder)
+    (folder / "unet").mkdir(parents=True)
+    safetensors.torch.save_file(tiny_multiview_unet(kind, seed), folder / "unet" / "diffusion_pytorch_model.safetensors")
+    (folder / "unet" / "config.json").write_text(json.dumps({"_class_name": "MultiViewUNetModel", "camera_dim": 16}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "MVDreamPipeline", "unet": ["mv_unet", "MultiViewUNetModel"]}))
+
+
+TINY_TEXT_CONFIG = {"hidden_act": "quick_gelu", "hidden_size": TEXT_DIM, "intermediate_size": 2 * TEXT_DIM,
+                    "num_attention_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 77, "vocab_size": 49408,
+                    "layer_norm_eps": 1e-05, "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1,
+                    "projection_dim": TEXT_DIM, "model_type": "clip_text_model"}
+
+
+def tiny_text_encoder(seed: int = 300):
+    """A CLIP (for CLIPTextEncode) with SD1.5's tokenizer and a 2-layer, 64-wide text transformer."""
+    import functools
+
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    class TinyTextModel(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, model_options=model_options, textmodel_json_config=dict(TINY_TEXT_CONFIG),
+                             return_projected_pooled=False)
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
+                                                    functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=TinyTextModel))
+    clip = comfy.sd.CLIP(target)
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_multiview_model(kind: str, seed: int = 0):
+    """(MODEL, CLIP, VAE, CLIP_VISION) as MV4D Load Multi-view Model gives them for a tiny file of `kind`, loaded
+    through the pack's own loader (the encoders from the tiny builders)."""
+    from mv4d.integration.multiview_models import build_multiview_model
+    from mv4d.kernels.models.multiview import split_checkpoint
+
+    loaded = build_multiview_model(split_checkpoint(tiny_multiview_checkpoint(kind, seed)))
+    clip_vision = tiny_clip_vision(110 + seed) if kind == "imagedream" else None
+    return loaded.model, tiny_text_encoder(310 + seed), tiny_vae(210 + seed), clip_vision

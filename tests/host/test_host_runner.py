@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mv4d_host_helpers import get_json, load_api_workflow, on_tiny_models, post_prompt, view, wait_for_history
+from mv4d_host_helpers import get_json, load_api_workflow, on_tiny_models, post_prompt, view, wait_for_history, write_input_video, write_input_views
 
 from mv4d.runner.cli import main
 from mv4d.runner.local_server import free_port
@@ -262,7 +262,7 @@ def test_unreadable_and_failing_inputs_are_recorded_while_the_batch_goes_on(comf
 
 def test_the_shipped_multiview_and_video_workflows_run_as_batches(comfy_server, host_conftest, tmp_path, capsys):
     for name in ("set_a", "set_b"):
-        host_conftest.write_input_views(tmp_path / "sets" / name)
+        write_input_views(tmp_path / "sets" / name)
     workflow = write_workflow(tmp_path / "multiview.json", on_tiny_models(load_api_workflow("multiview_to_4d.json")))
     code, stderr, manifest = run(capsys, workflow, tmp_path / "sets" / "set_a", tmp_path / "sets" / "set_b",
                                  "--output", tmp_path / "out_multiview", "--server", comfy_server.url, "--steps", "2")
@@ -276,7 +276,7 @@ def test_the_shipped_multiview_and_video_workflows_run_as_batches(comfy_server, 
         assert {".webp", ".splatv", ".ply", ".safetensors"} <= suffixes
         assert all((tmp_path / "out_multiview" / file["path"]).stat().st_size == file["bytes"] for file in item["files"])
 
-    host_conftest.write_input_video(tmp_path / "clip.mp4")
+    write_input_video(tmp_path / "clip.mp4")
     workflow = write_workflow(tmp_path / "video.json", on_tiny_models(load_api_workflow("video_to_4d.json")))
     code, stderr, manifest = run(capsys, workflow, tmp_path / "clip.mp4", "--output", tmp_path / "out_video", "--server", comfy_server.url)
     assert code == 0, stderr

@@ -30,8 +30,11 @@ def test_every_shipped_api_workflow_runs(comfy_server, workflow):
     entry = run_prompt(comfy_server.url, prompt)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     saved = {Path(item["filename"]).suffix for output in entry["outputs"].values() for item in output.get("files", [])}
-    if any(node["class_type"] == "MV4D_Save4D" for node in prompt.values()):
-        assert {".safetensors", ".splatv", ".ply"} <= saved, saved  # the pipeline reached its 4D asset
+    for node in prompt.values():
+        if node["class_type"] == "MV4D_Save4D":  # the pipeline reached its 4D asset, in every format it asked for
+            inputs = node["inputs"]
+            wanted = {".safetensors", *[".splatv"] * inputs["splatv"], *[".ply"] * (inputs["ply_sequence"] or inputs["static_ply"])}
+            assert wanted <= saved, saved
     images = [item for output in entry["outputs"].values() for item in output.get("images", [])]
     assert images, entry["outputs"]
     from PIL import Image  # a ComfyUI requirement: imported only when a host is there

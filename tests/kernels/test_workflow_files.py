@@ -12,7 +12,11 @@ TEMPLATES = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
 TO_4D = ["image_to_4d", "video_to_4d", "multiview_to_4d"]
 PAPER = {"views": 21, "frames": 25, "size": 576, "steps": 50}
 CHECKPOINT_PAGES = {"svd_xt.safetensors": "https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt/",
-                    "sv3d_p.safetensors": "https://huggingface.co/stabilityai/sv3d/"}
+                    "sv3d_p.safetensors": "https://huggingface.co/stabilityai/sv3d/",
+                    "sd-v2.1-base-4view.pt": "https://huggingface.co/MVDream/MVDream/",
+                    "sd-v1.5-4view.pt": "https://huggingface.co/MVDream/MVDream/",
+                    "sd-v2.1-base-4view-ipmv.pt": "https://huggingface.co/Peng-Wang/ImageDream/"}
+LOADERS = {"ImageOnlyCheckpointLoader", "MV4D_LoadMultiviewModel"}  # their first widget is the checkpoint file
 
 
 def ui(name: str) -> dict:
@@ -24,7 +28,17 @@ def api(name: str) -> dict:
 
 
 def test_the_pipeline_templates_are_all_there():
-    assert set(TO_4D + ["epipolar_mask_preview"]) <= set(TEMPLATES)
+    assert set(TO_4D + ["epipolar_mask_preview", "text_to_3d_mvdream", "image_to_3d_imagedream"]) <= set(TEMPLATES)
+
+
+@pytest.mark.parametrize("name", ["text_to_3d_mvdream", "image_to_3d_imagedream"])
+def test_multiview_templates_fit_static_gaussians_with_a_note_for_smaller_gpus(name):
+    fit = next(node for node in api(name).values() if node["class_type"] == "MV4D_Fit4DGaussians")["inputs"]
+    assert (fit["position_degree"], fit["fourier_terms"], fit["rotation_degree"], fit["temporal_opacity"]) == (0, 0, 0, False)
+    save = next(node for node in api(name).values() if node["class_type"] == "MV4D_Save4D")["inputs"]
+    assert save["static_ply"]
+    notes = [node["widgets_values"][0] for node in ui(name)["nodes"] if node["type"] in ("Note", "MarkdownNote")]
+    assert any("Smaller GPUs" in note for note in notes) and any("models/checkpoints" in note for note in notes)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -37,7 +51,7 @@ def test_every_template_has_an_api_twin_and_a_jpeg_thumbnail(name):
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_loaders_carry_model_metadata_matching_the_file_they_load(name):
     workflow = ui(name)
-    loaders = [node for node in workflow["nodes"] if node["type"] == "ImageOnlyCheckpointLoader"]
+    loaders = [node for node in workflow["nodes"] if node["type"] in LOADERS]
     for node in loaders:
         (model,) = node["properties"]["models"]
         assert model["name"] == node["widgets_values"][0] and model["directory"] == "checkpoints"

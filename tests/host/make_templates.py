@@ -1,0 +1,197 @@
+"""Make a shipped template's UI file and thumbnail from its API twin, with ComfyUI's own frontend (a developer
+tool, not a test): the frontend arranges the API prompt (app.loadApiJson); from that layout, the prompt and the
+server's /object_info we write the UI file in the format every supported frontend loads (sockets for links,
+widget values in input order), with the template's notes and its loaders' model metadata, then picture the graph
+as the frontend draws it for workflows/<name>.jpg.
+
+    python -P tests/host/make_templates.py text_to_3d_mvdream image_to_3d_imagedream
+
+Needs a ComfyUI host ($COMFYUI_DIR or ~/ComfyUI) and Chromium, as the browser tests do. The host lane then checks
+that each template loads in all three frontends as its API twin (test_host_browser.py, test_host_server.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+# the checkout as package mv4d, as the test suite's root conftest makes it
+_suite = importlib.util.spec_from_file_location("mv4d_suite_conftest", HERE.parent / "conftest.py")
+_suite.loader.exec_module(importlib.util.module_from_spec(_suite))
+
+# What each template says beside its graph (Markdown), shown above it in this order.
+NOTES = {
+    "text_to_3d_mvdream": [
+        "## Text -> 4 views (MVDream) -> 3D Gaussians\n\nMVDream makes four orthogonal views of the prompt in one sampling "
+        "(multi-view attention, one camera per view). MV4D Decode Grid turns them into a multi-view set with its cameras; "
+        "MV4D Fit 4D Gaussians with every motion term at 0 fits static 3D Gaussians to it; the result is saved as a "
+        "turntable and an INRIA .ply.",
+        "## Model files\n\n`sd-v2.1-base-4view.pt` (or `sd-v1.5-4view.pt`) from huggingface.co/MVDream/MVDream into "
+        "`ComfyUI/models/checkpoints/`. The file holds its text encoder and VAE.",
+        "## Smaller GPUs\n\nMVDream runs at 256 px: 4 views with CFG are one batch of 8, a few GB of VRAM. Lower "
+        "`steps` to go faster; lower the fit's iterations for a quicker, rougher .ply.",
+    ],
+    "image_to_3d_imagedream": [
+        "## Image -> 4 views (ImageDream) -> 3D Gaussians\n\nImageDream makes four views of the object in the input image "
+        "(image prompt + the pixel controller's extra view, which MV4D Decode Grid drops); the views are fitted with "
+        "static 3D Gaussians and saved as a turntable and an INRIA .ply. Use an object centred on a white background.",
+        "## Model files\n\n`sd-v2.1-base-4view-ipmv.pt` from huggingface.co/Peng-Wang/ImageDream into "
+        "`ComfyUI/models/checkpoints/`. If the loader says the file has no text encoder, VAE or CLIP vision, load them "
+        "with core Load CLIP (SD2.1's OpenCLIP ViT-H text encoder), Load VAE and Load CLIP Vision "
+        "(CLIP-ViT-H-14-laion2B-s32B-b79K) and connect those instead.",
+        "## Smaller GPUs\n\nImageDream runs at 256 px with 5 views: a batch of 10 with CFG. Lower `steps` to go faster.",
+    ],
+}
+
+# Where the models our loaders name come from (ComfyUI model metadata: the frontend offers them when missing).
+MODEL_PAGES = {
+    "sd-v2.1-base-4view.pt": "https://huggingface.co/MVDream/MVDream/resolve/main/sd-v2.1-base-4view.pt",
+    "sd-v1.5-4view.pt": "https://huggingface.co/MVDream/MVDream/resolve/main/sd-v1.5-4view.pt",
+    "sd-v2.1-base-4view-ipmv.pt": "https://huggingface.co/Peng-Wang/ImageDream/resolve/main/sd-v2.1-base-4view-ipmv.pt",
+}
+LOADER_INPUTS = {"MV4D_LoadMultiviewModel": ("ckpt_name", "checkpoints"), "ImageOnlyCheckpointLoader": ("ckpt_name", "checkpoints")}
+
+# The frontend's own arrangement of the API prompt: where each node goes and how large it is.
+LAYOUT = """(async (api, name) => {
+    await app.loadApiJson(api, name);
+    return Object.fromEntries(app.graph.nodes.map(node => [String(node.id), {pos: Array.from(node.pos), size: Array.from(node.size)}]));
+})(%s, %s)"""
+
+SHOW = "(async (workflow, name) => { await app.loadGraphData(workflow, true, true, name); return true; })(%s, %s)"
+
+# The graph's bounds in screenshot pixels (after the view is fitted), to crop the thumbnail to the graph.
+GRAPH_BOUNDS = """(() => {
+    const ds = app.canvas.ds, rect = app.canvas.canvas.getBoundingClientRect();
+    let box = [Infinity, Infinity, -Infinity, -Infinity];
+    for (const node of app.graph.nodes) {
+        const [x, y] = node.pos, [w, h] = node.size;
+        box = [Math.min(box[0], x), Math.min(box[1], y - LiteGraph.NODE_TITLE_HEIGHT), Math.max(box[2], x + w), Math.max(box[3], y + h)];
+    }
+    const toScreen = (x, y) => [rect.left + (x + ds.offset[0]) * ds.scale, rect.top + (y + ds.offset[1]) * ds.scale];
+    return [...toScreen(box[0], box[1]), ...toScreen(box[2], box[3])].map(v => v * window.devicePixelRatio);
+})()"""
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NOTE_SIZE, NOTE_GAP = (440, 240), 30
+THUMBNAIL_WIDTH = 640
+
+
+def model_metadata(api: dict) -> dict[str, list[dict]]:
+    metadata = {}
+    for node_id, node in api.items():
+        if node["class_type"] in LOADER_INPUTS:
+            name_input, directory = LOADER_INPUTS[node["class_type"]]
+            name = node["inputs"][name_input]
+            if name in MODEL_PAGES:
+                metadata[node_id] = [{"name": name, "url": MODEL_PAGES[name], "directory": directory}]
+    return metadata
+
+
+def is_widget(spec: list) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def unused_value(spec: list):
+    """What a linked widget keeps (the frontend stores a value for it; the prompt uses the link)."""
+    options = spec[1] if len(spec) > 1 else {}
+    if isinstance(spec[0], list):
+        return spec[0][0]
+    if "default" in options:
+        return options["default"]
+    return options.get("options", [None])[0] if spec[0] == "COMBO" else None
+
+
+def api_to_ui(name: str, api: dict, object_info: dict, layout: dict, notes: list[str], models: dict) -> dict:
+    """The UI-format template of an API prompt (the inverse of the frontend's graph-to-prompt for our graphs):
+    widget values in input order (a 'fixed' after each control_after_generate widget), linked widgets as inputs."""
+    order = {node_id: index for index, node_id in enumerate(api)}
+    nodes, links = [], []
+    outgoing: dict[tuple[str, int], list[int]] = {}
+    for node_id, node in api.items():
+        info = object_info[node["class_type"]]
+        inputs, values = [], []
+        for section in ("required", "optional"):
+            for name in info["input_order"].get(section, []):
+                spec = info["input"][section][name]
+                value = node["inputs"].get(name)
+                linked = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+                if linked:
+                    link_id = len(links) + 1
+                    links.append([link_id, int(value[0]), value[1], int(node_id), len(inputs), spec[0] if isinstance(spec[0], str) else "COMBO"])
+                    outgoing.setdefault((value[0], value[1]), []).append(link_id)
+                    inputs.append({"name": name, "type": links[-1][5], "link": link_id, **({"widget": {"name": name}} if is_widget(spec) else {})})
+                if is_widget(spec):
+                    values.append(unused_value(spec) if linked or value is None else value)
+                    if len(spec) > 1 and spec[1].get("control_after_generate"):
+                        values.append("fixed")
+        properties = {"Node name for S&R": node["class_type"], **({"models": models[node_id]} if node_id in models else {})}
+        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": layout[node_id]["pos"], "size": layout[node_id]["size"],
+                      "flags": {}, "order": order[node_id], "mode": 0, "inputs": inputs,
+                      "outputs": [{"name": name, "type": kind, "links": []} for name, kind in zip(info["output_name"], info["output"])],
+                      "properties": properties, "widgets_values": values, "title": node["_meta"]["title"]})
+    for node in nodes:
+        for slot, output in enumerate(node["outputs"]):
+            output["links"] = outgoing.get((str(node["id"]), slot), [])
+    top = min(node["pos"][1] for node in nodes) - NOTE_SIZE[1] - 60
+    left = min(node["pos"][0] for node in nodes)
+    first_note = max(node["id"] for node in nodes) + 100
+    for index, text in enumerate(notes):
+        nodes.append({"id": first_note + index, "type": "MarkdownNote", "pos": [left + index * (NOTE_SIZE[0] + NOTE_GAP), top],
+                      "size": list(NOTE_SIZE), "flags": {}, "order": len(api) + index, "mode": 0, "inputs": [], "outputs": [],
+                      "title": "Note", "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"mv4d/workflows/{name}")), "revision": 0,
+            "last_node_id": max(node["id"] for node in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.45, "offset": [40, 40]}}, "version": 0.4,
+            "models": [model for listed in models.values() for model in listed]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="+", help="template names (workflows/api/<name>.json)")
+    args = parser.parse_args(argv)
+    from conftest import HOST  # tests/host/conftest.py
+    from mv4d_browser import Chromium, ComfyFrontend, find_chromium, js
+    from mv4d_host_helpers import WORKFLOWS, get_json, start_test_server
+    from PIL import Image
+
+    if HOST is None or find_chromium() is None:
+        print("needs a ComfyUI host ($COMFYUI_DIR or ~/ComfyUI) and Chromium", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as base:
+        server = start_test_server(HOST, Path(base))
+        try:
+            object_info = get_json(server.url + "/object_info")
+            with Chromium(find_chromium()) as browser:
+                frontend = ComfyFrontend(browser, server.url, "MV4D_OrbitCameras")
+                for name in args.names:
+                    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+                    frontend.open()
+                    browser.evaluate("app.extensionManager.setting.set('Comfy.Minimap.Visible', false)")
+                    layout = browser.evaluate(LAYOUT % (js(api), js(name)), timeout=120)
+                    workflow = api_to_ui(name, api, object_info, layout, NOTES.get(name, []), model_metadata(api))
+                    (WORKFLOWS / f"{name}.json").write_text(json.dumps(workflow, indent=1) + "\n")
+                    browser.evaluate(SHOW % (js(workflow), js(name)), timeout=120)
+                    frontend.settle()
+                    frontend.close_dialogs()
+                    frontend.fit_view()
+                    bounds = browser.evaluate(GRAPH_BOUNDS)
+                    picture = Image.open(browser.screenshot(Path(base) / f"{name}.png")).convert("RGB")
+                    margin = 12
+                    picture = picture.crop((max(0, int(bounds[0]) - margin), max(0, int(bounds[1]) - margin),
+                                            min(picture.width, int(bounds[2]) + margin), min(picture.height, int(bounds[3]) + margin)))
+                    height = round(picture.height * THUMBNAIL_WIDTH / picture.width)
+                    picture.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(WORKFLOWS / f"{name}.jpg", quality=85)
+                    print(f"wrote workflows/{name}.json and workflows/{name}.jpg")
+        finally:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
