@@ -245,5 +245,5 @@ def start_test_server(host: Path, base: Path, start_timeout: float = 180) -> Ser
         except OSError:
             if time.monotonic() > deadline:
                 os.killpg(process.pid, signal.SIGKILL)
-                raise RuntimeError(f"ComfyUI did not answer within {start_timeout:.0f} s:\n{server.log_tail()}")
+                raise RuntimeError(f"ComfyUI did not answer within {start_timeout:.0f} s:\n{server.log_tail()}") from None
             time.sleep(0.5)

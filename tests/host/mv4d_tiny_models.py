@@ -223,8 +223,8 @@ def tiny_text_encoder(seed: int = 300):
     import comfy.supported_models_base
 
     class TinyTextModel(comfy.sd1_clip.SDClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
-            super().__init__(device=device, dtype=dtype, model_options=model_options, textmodel_json_config=dict(TINY_TEXT_CONFIG),
+        def __init__(self, device="cpu", dtype=None, model_options=None):  # ComfyUI's calling convention
+            super().__init__(device=device, dtype=dtype, model_options=model_options or {}, textmodel_json_config=dict(TINY_TEXT_CONFIG),
                              return_projected_pooled=False)
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
