@@ -134,7 +134,7 @@ def test_multiview_attention_equals_attention_over_the_concatenated_views(comfy)
     for chunk in range(chunks):
         items = slice(chunk * views, (chunk + 1) * views)
 
-        def joined(t):  # the views' tokens one after the other, split into heads
+        def joined(t, items=items):  # the views' tokens one after the other, split into heads
             return t[items].reshape(views * tokens, heads, dim).transpose(0, 1)
 
         out = torch.softmax(joined(q) @ joined(k).transpose(1, 2) / dim ** 0.5, dim=-1) @ joined(v)
@@ -159,8 +159,10 @@ def test_permuting_views_with_their_cameras_permutes_the_outputs(mv4d_nodes, enc
     assert difference <= TOLERANCE * max(1.0, float(straight.abs().max()))
     # and the views do talk to each other: another camera for view 0 changes the other views too
     moved = rig(elevation=40.0)
-    positive, negative, latent, _ = mvdream_inputs(mv4d_nodes, model, encoders, cameras.select([0, 1, 2, 3]).__class__(
-        torch.cat([moved.world_to_camera[:1], cameras.world_to_camera[1:]]), cameras.intrinsics, SIZE, SIZE))
+    from mv4d.kernels.cameras import CameraRig
+
+    view_0_moved = CameraRig(torch.cat([moved.world_to_camera[:1], cameras.world_to_camera[1:]]), cameras.intrinsics, SIZE, SIZE)
+    positive, negative, latent, _ = mvdream_inputs(mv4d_nodes, model, encoders, view_0_moved)
     other = sample(model, positive, negative, latent, noise)
     assert float((other[1:] - straight[1:]).abs().max()) > 1e-4
 
