@@ -47,11 +47,15 @@ def progress(every: int = 1) -> Callable[[int, int], None]:
     return on_step
 
 
+# ComfyUI/models/<folder> of the files our loaders list: LPIPS weights (vgg16 backbone, LPIPS v0.1 heads); motion
+# modules and CameraCtrl (the folder AnimateDiff-Evolved uses, so its users' files are found).
+MODEL_FOLDERS = (LPIPS_FOLDER, "animatediff_models")
+
+
 def register_model_folders() -> None:
-    """ComfyUI/models/lpips: the user's LPIPS weights (vgg16 backbone and LPIPS v0.1 heads)."""
-    folder = os.path.join(folder_paths.models_dir, LPIPS_FOLDER)
-    if LPIPS_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(LPIPS_FOLDER, folder)
+    for name in MODEL_FOLDERS:
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
 
 
 def output_base(filename_prefix: str) -> Path:

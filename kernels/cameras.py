@@ -162,6 +162,10 @@ class CameraRig:
         scale = torch.tensor([width / self.width, height / self.height, 1.0], dtype=GEOMETRY_DTYPE)
         return CameraRig(self.world_to_camera, self.intrinsics * scale[None, :, None], height, width)
 
+    def relative_to_camera(self, index: int = 0) -> CameraRig:
+        """The same rig in the coordinates of camera `index`, which becomes the identity (CameraCtrl's relative poses)."""
+        return CameraRig(self.world_to_camera @ self.camera_to_world[index], self.intrinsics, self.height, self.width)
+
     def projection_matrices(self) -> torch.Tensor:
         """(N, 3, 4) pixel projection matrices K [R | t]."""
         return self.intrinsics @ self.world_to_camera[:, :3, :]

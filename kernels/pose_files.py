@@ -122,8 +122,7 @@ def parse_pose_file(
         raise InvalidInput("pose_file", f"line {numbers[problem.camera]}: the camera {problem.problem}", "fix or remove that line")
     cameras = CameraRig(world_to_camera, intrinsics, height, width)
     if relative_to_first:
-        first_camera_to_world = cameras.camera_to_world[0]
-        cameras = CameraRig(cameras.world_to_camera @ first_camera_to_world, cameras.intrinsics, height, width)
+        cameras = cameras.relative_to_camera(0)
     return PoseTrajectory(cameras, [int(v) for v in values[:, 0].tolist()], numbers)
 
 

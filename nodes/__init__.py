@@ -7,6 +7,7 @@ from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, R
 from .epipolar import EpipolarMask, PreviewEpipolarMask
 from ..integration.host import register_model_folders
 from .load_multiview import LoadMultiviewImages
+from .motion import ApplyCameraControl, ApplyMotionModule, LoadCameraCtrl, LoadMotionModule
 from .multiview import ImageDreamConditioning, LoadMultiviewModel, MultiviewConditioning
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
 from .speed import Fp8MatmulsNode
@@ -16,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     OrbitCameras, LoadCameraTrajectory, EpipolarMask, PreviewEpipolarMask,
     LoadMultiviewImages, ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
     LoadMultiviewModel, MultiviewConditioning, ImageDreamConditioning,
+    LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl,
     SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
     Fit4DGaussians, Render4D, Save4D, Load4D,
 ]

@@ -12,3 +12,7 @@ MultiviewVideoSocket = io.Custom("MV4D_MULTIVIEW_VIDEO")
 Splats4DSocket = io.Custom("MV4D_SPLATS4D")
 # nodes.composed_guider.GridConditioning: the grid shape and the per-row / per-column conditioning of both models.
 GridConditioningSocket = io.Custom("MV4D_GRID_CONDITIONING")
+# kernels.models.motion.MotionModel: AnimateDiff motion modules (any released layout, normalised), with their version.
+MotionModuleSocket = io.Custom("MV4D_MOTION_MODULE")
+# integration.patches.camera_control.CameraControl: CameraCtrl's pose encoder and qkv_merge layers.
+CameraCtrlSocket = io.Custom("MV4D_CAMERACTRL")

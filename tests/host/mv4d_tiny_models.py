@@ -243,3 +243,71 @@ def tiny_multiview_model(kind: str, seed: int = 0):
     loaded = build_multiview_model(split_checkpoint(tiny_multiview_checkpoint(kind, seed)))
     clip_vision = tiny_clip_vision(110 + seed) if kind == "imagedream" else None
     return loaded.model, tiny_text_encoder(310 + seed), tiny_vae(210 + seed), clip_vision
+
+
+# Tiny AnimateDiff motion modules and CameraCtrl for the tiny SD1.5 UNet (channels 64, 64, 128, 128), in the
+# released key layouts.
+
+TINY_MOTION_CHANNELS = (64, 64, 128, 128)
+MOTION_VERSIONS = {"v1": (24, False), "v2": (32, True), "v3": (32, False)}
+
+
+def tiny_motion_state_dict(version: str = "v3", seed: int = 500) -> dict:
+    """An AnimateDiff file's keys (down_blocks.N.motion_modules.M.temporal_transformer.*, pos_encoder.pe included)
+    with random weights, proj_out included (released modules are trained: a zero proj_out would hide them)."""
+    from mv4d.kernels.models.motion import MotionModel, MotionVersion
+
+    length, mid = MOTION_VERSIONS[version]
+    model = MotionModel(MotionVersion(version, length, mid, version == "v1", "original"), TINY_MOTION_CHANNELS)
+    init_weights(model, seed)
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def tiny_sd15_checkpoint(seed: int = 0):
+    """(MODEL, CLIP, VAE) as core's checkpoint loader gives them for an SD1.5 file: the tiny SD15 UNet (eps)."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    model = comfy.model_patcher.ModelPatcher(tiny_sd_model("SD15", seed), comfy.model_management.get_torch_device(),
+                                             comfy.model_management.unet_offload_device())
+    return model, tiny_text_encoder(320 + seed), tiny_vae(220 + seed)
+
+
+def tiny_motion_module(version: str = "v3", seed: int = 500):
+    from mv4d.kernels.models.motion import load_motion_model, normalize_motion_state_dict
+    import comfy.ops
+
+    normalized, found = normalize_motion_state_dict(tiny_motion_state_dict(version, seed))
+    return load_motion_model(normalized, found, operations=comfy.ops.manual_cast).eval().requires_grad_(False)
+
+
+def tiny_cameractrl_checkpoint(seed: int = 600, zero_merge: bool = False) -> dict:
+    """CameraCtrl's original two-dict .ckpt layout for the tiny motion modules (pose encoder at the tiny channels,
+    position table 16, one qkv_merge per down / up motion module)."""
+    from mv4d.kernels.models.cameractrl import CameraPoseEncoder
+
+    encoder = CameraPoseEncoder(TINY_MOTION_CHANNELS, table_length=16)
+    init_weights(encoder, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    merges = {}
+    channels = {f"down_blocks.{b}": c for b, c in enumerate(TINY_MOTION_CHANNELS)}
+    channels.update({f"up_blocks.{b}": c for b, c in enumerate(reversed(TINY_MOTION_CHANNELS))})
+    for block, width in channels.items():
+        for slot in range(2 if block.startswith("down") else 3):
+            prefix = f"{block}.motion_modules.{slot}.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.qkv_merge"
+            scale = 0.0 if zero_merge else 1.0 / width ** 0.5
+            merges[f"{prefix}.weight"] = torch.randn(width, width, generator=generator) * scale
+            merges[f"{prefix}.bias"] = torch.randn(width, generator=generator) * (0.0 if zero_merge else 0.02)
+    return {"pose_encoder_state_dict": {k: v.clone() for k, v in encoder.state_dict().items()}, "attention_processor_state_dict": merges}
+
+
+def tiny_cameractrl(seed: int = 600, zero_merge: bool = False):
+    import comfy.ops
+
+    from mv4d.integration.patches.camera_control import CameraControl
+    from mv4d.kernels.models.cameractrl import load_pose_encoder, qkv_merge_layers, split_cameractrl
+
+    checkpoint = split_cameractrl(tiny_cameractrl_checkpoint(seed, zero_merge))
+    control = CameraControl(load_pose_encoder(checkpoint, operations=comfy.ops.manual_cast),
+                            qkv_merge_layers(checkpoint, operations=comfy.ops.manual_cast))
+    return control.eval().requires_grad_(False)
