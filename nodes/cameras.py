@@ -42,16 +42,19 @@ class OrbitCameras(io.ComfyNode):
                                tooltip="Azimuth of the input view in degrees; azimuth turns counter-clockwise seen from above."),
                 io.Combo.Input("order", options=[ORDER_SV3D, ORDER_INPUT_FIRST], default=ORDER_SV3D,
                                tooltip="Where the input view sits in the list. SV3D expects it last."),
+                io.Float.Input("span", default=360.0, min=-3600.0, max=3600.0, step=1.0, optional=True,
+                               tooltip="Degrees of azimuth the cameras cover (360: a full orbit; less: an arc, e.g. a camera "
+                                       "path for CameraCtrl, one camera per frame; negative: clockwise)."),
             ],
             outputs=[Cameras.Output("cameras", tooltip="The camera rig.")],
         )
 
     @classmethod
-    def execute(cls, views, elevation, radius, fov, width, height, start_azimuth, order) -> io.NodeOutput:
+    def execute(cls, views, elevation, radius, fov, width, height, start_azimuth, order, span=360.0) -> io.NodeOutput:
         if order not in (ORDER_SV3D, ORDER_INPUT_FIRST):
             raise input_error("MV4D Orbit Cameras", "order", f"unknown order {order!r}", f"choose {ORDER_SV3D!r} or {ORDER_INPUT_FIRST!r}")
         with kernel_errors_as_node_errors("MV4D Orbit Cameras", {"fov": "fov", "image_size": "width/height"}):
-            rig = orbit_rig(views, elevation, radius, fov, height, width, start_azimuth, sv3d_order=order == ORDER_SV3D)
+            rig = orbit_rig(views, elevation, radius, fov, height, width, start_azimuth, sv3d_order=order == ORDER_SV3D, span_deg=span)
         return io.NodeOutput(rig)
 
 

@@ -25,7 +25,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 from ...kernels.grid import GRID_OPTION, Grid
-from ...kernels.models.motion import ModuleCall, MotionModel, MotionModule
+from ...kernels.models.motion import ModuleCall, MotionModel
 from ..node_errors import kernel_errors_as_node_errors
 from .conds import call_data, carry_mv4d_conds
 from .shared import SharedPatch
@@ -74,10 +74,15 @@ class MotionInjection(SharedPatch):
             for path, addition in self.additions.by_module.get(name, {}).items():
                 _set_path(module, path, addition)
 
+    @property
+    def module_class(self) -> type:
+        """The class of the modules injected (the one the timestep-embed patch must match)."""
+        return type(self.motion.placements()[0][2])
+
     def eject(self, patcher) -> None:
         unet = patcher.model.diffusion_model
         for container in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
-            for index in reversed([i for i, layer in enumerate(container) if isinstance(layer, MotionModule)]):
+            for index in reversed([i for i, layer in enumerate(container) if isinstance(layer, self.module_class)]):
                 del container[index]
         for name, module in self.motion.modules_named().items():
             for path in self.additions.by_module.get(name, {}):
@@ -187,7 +192,7 @@ def with_motion(model, motion: MotionModel, frames: int = 0, sampling: bool = Tr
     patched.set_additional_models(MOTION_KEY, [motion_patcher(motion)])
     injection = MotionInjection(motion, additions or MotionAdditions())
     patched.set_injections(MOTION_KEY, [comfy.patcher_extension.PatcherInjection(inject=injection.inject, eject=injection.eject)])
-    patched.set_model_forward_timestep_embed_patch((MotionModule, MotionForward(cross_frame_norm)))
+    patched.set_model_forward_timestep_embed_patch((injection.module_class, MotionForward(cross_frame_norm)))
     if frames:
         patched.model_options.setdefault("transformer_options", {})[FRAMES_OPTION] = frames
     if cross_frame_norm:

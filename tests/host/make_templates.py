@@ -50,13 +50,40 @@ NOTES = {
     ],
 }
 
+NOTES["text_to_video_animatediff"] = [
+    "## Text -> video (AnimateDiff v3)\n\nAny Stable Diffusion 1.5 checkpoint + AnimateDiff's v3 motion module "
+    "(MV4D Apply Motion Module injects it through ComfyUI's model patching, so LoRA and core samplers work). The "
+    "latent batch is the video: `frames` latents of `size` px. DDIM 25 steps, CFG 7.5, AnimateDiff's noise schedule.",
+    "## Model files\n\nAn SD1.5 checkpoint in `ComfyUI/models/checkpoints/`; `v3_sd15_mm.ckpt` from "
+    "huggingface.co/guoyww/animatediff in `ComfyUI/models/animatediff_models/` (the folder AnimateDiff-Evolved uses; "
+    "v1, v2 and diffusers MotionAdapter files load too).",
+    "## Smaller GPUs\n\n16 frames at 256 px take a few GB; 512 px about four times the memory and time. Lower "
+    "`frames` or `size`; the motion module holds at most 32 frames (v1: 24).",
+]
+NOTES["text_to_video_cameractrl"] = [
+    "## Text + camera path -> video (CameraCtrl)\n\nAnimateDiff v3 with CameraCtrl: each frame's camera (here an arc of "
+    "the orbit, one camera per frame; MV4D Load Camera Trajectory reads RealEstate10K pose files) becomes Plücker rays, "
+    "relative to the first camera, that steer the motion modules.",
+    "## Model files\n\nAn SD1.5 checkpoint in `models/checkpoints/`; `v3_sd15_mm.ckpt` and `CameraCtrl.ckpt` "
+    "(huggingface.co/hehao13/CameraCtrl; or AnimateDiff-Evolved's `CameraCtrl_pruned.safetensors`) in "
+    "`models/animatediff_models/`.",
+    "## Smaller GPUs\n\nAs for AnimateDiff, plus the pose encoder (a few hundred MB). CameraCtrl was trained on 16 "
+    "frames at 256 x 384; its pose encoder holds at most 16 frames.",
+]
+
 # Where the models our loaders name come from (ComfyUI model metadata: the frontend offers them when missing).
 MODEL_PAGES = {
     "sd-v2.1-base-4view.pt": "https://huggingface.co/MVDream/MVDream/resolve/main/sd-v2.1-base-4view.pt",
     "sd-v1.5-4view.pt": "https://huggingface.co/MVDream/MVDream/resolve/main/sd-v1.5-4view.pt",
     "sd-v2.1-base-4view-ipmv.pt": "https://huggingface.co/Peng-Wang/ImageDream/resolve/main/sd-v2.1-base-4view-ipmv.pt",
+    "v1-5-pruned-emaonly-fp16.safetensors": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
+    "v3_sd15_mm.ckpt": "https://huggingface.co/guoyww/animatediff/resolve/main/v3_sd15_mm.ckpt",
+    "mm_sd_v15_v2.ckpt": "https://huggingface.co/guoyww/animatediff/resolve/main/mm_sd_v15_v2.ckpt",
+    "CameraCtrl.ckpt": "https://huggingface.co/hehao13/CameraCtrl/resolve/main/CameraCtrl.ckpt",
 }
-LOADER_INPUTS = {"MV4D_LoadMultiviewModel": ("ckpt_name", "checkpoints"), "ImageOnlyCheckpointLoader": ("ckpt_name", "checkpoints")}
+LOADER_INPUTS = {"MV4D_LoadMultiviewModel": ("ckpt_name", "checkpoints"), "ImageOnlyCheckpointLoader": ("ckpt_name", "checkpoints"),
+                 "CheckpointLoaderSimple": ("ckpt_name", "checkpoints"), "MV4D_LoadMotionModule": ("motion_module", "animatediff_models"),
+                 "MV4D_LoadCameraCtrl": ("cameractrl", "animatediff_models")}
 
 # The frontend's own arrangement of the API prompt: where each node goes and how large it is.
 LAYOUT = """(async (api, name) => {

@@ -87,7 +87,8 @@ TINY_SETTING = {"views": 4, "frames": 3, "size": 64, "steps": 3}
 TINY_FIT = {"iterations": 20, "initial_gaussians": 500, "max_gaussians": 4000}
 
 
-TINY_LOADERS = {"ImageOnlyCheckpointLoader", "MV4D_LoadMultiviewModel"}
+TINY_LOADERS = {"ImageOnlyCheckpointLoader", "MV4D_LoadMultiviewModel", "CheckpointLoaderSimple", "MV4D_LoadMotionModule",
+                "MV4D_LoadCameraCtrl"}
 
 
 def tiny_multiview_kind(ckpt_name: str) -> str:
@@ -114,6 +115,14 @@ def on_tiny_models(prompt: dict) -> dict:
         elif kind == "MV4D_LoadMultiviewModel":
             node["class_type"] = "MV4DTest_TinyMultiviewModel"
             node["inputs"] = {"kind": tiny_multiview_kind(inputs["ckpt_name"])}
+        elif kind == "CheckpointLoaderSimple":  # the workflows' SD1.5 checkpoints
+            node["class_type"], node["inputs"] = "MV4DTest_TinySD15Checkpoint", {}
+        elif kind == "MV4D_LoadMotionModule":
+            name = inputs["motion_module"].lower()
+            node["class_type"] = "MV4DTest_TinyMotionModule"
+            node["inputs"] = {"version": "v2" if "v2" in name else "v1" if name.startswith("mm_sd_v15.") else "v3"}
+        elif kind == "MV4D_LoadCameraCtrl":
+            node["class_type"], node["inputs"] = "MV4DTest_TinyCameraCtrl", {}
         elif kind == "PrimitiveInt" and title in TINY_SETTING:
             inputs["value"] = TINY_SETTING[title]
         elif kind == "MV4D_Fit4DGaussians":

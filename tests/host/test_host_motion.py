@@ -277,3 +277,29 @@ def test_bad_input_names_node_input_and_fix(comfy, mv4d_nodes, sd15, tmp_path):
                           cameras=orbit_rig(FRAMES + 2, 10.0, 2.0, 33.8, 64, 64), scale=1.0).result[0]
     with pytest.raises(NodeInputError, match=r"MV4D Apply Camera Control: input 'cameras': 10 cameras for 1 video\(s\) of 8 frames"):
         sample(controlled, clip, video_noise())
+
+
+def test_videos_longer_than_the_position_table_run_in_core_context_windows(sd15):
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+
+    from mv4d.integration.patches.motion import with_motion
+
+    model, clip, _ = sd15
+
+    def windowed(base):
+        import inspect
+
+        settings = dict(model=base, context_length=16, context_overlap=4, context_schedule="standard_static", context_stride=1,
+                        closed_loop=False, fuse_method="pyramid", dim=0, freenoise=False)
+        accepted = inspect.signature(ContextWindowsManualNode.execute).parameters
+        out = ContextWindowsManualNode.execute(**{key: value for key, value in settings.items() if key in accepted})
+        return out.result[0] if hasattr(out, "result") else out[0]
+
+    noise = video_noise(frames=30)
+    try:
+        sample(windowed(model), clip, noise, steps=2)
+    except RuntimeError as error:  # ComfyUI 0.3.64's context windows fail on their own, without any mv4d patch
+        pytest.skip(f"this host's core context windows do not run even without mv4d ({error})")
+    video = windowed(with_motion(model, tiny_motion_module("v1")))  # a 24-frame table, 30 frames in windows of 16
+    out = sample(video, clip, noise, steps=2)
+    assert out.shape == noise.shape and bool(torch.isfinite(out).all())

@@ -15,8 +15,13 @@ CHECKPOINT_PAGES = {"svd_xt.safetensors": "https://huggingface.co/stabilityai/st
                     "sv3d_p.safetensors": "https://huggingface.co/stabilityai/sv3d/",
                     "sd-v2.1-base-4view.pt": "https://huggingface.co/MVDream/MVDream/",
                     "sd-v1.5-4view.pt": "https://huggingface.co/MVDream/MVDream/",
-                    "sd-v2.1-base-4view-ipmv.pt": "https://huggingface.co/Peng-Wang/ImageDream/"}
-LOADERS = {"ImageOnlyCheckpointLoader", "MV4D_LoadMultiviewModel"}  # their first widget is the checkpoint file
+                    "sd-v2.1-base-4view-ipmv.pt": "https://huggingface.co/Peng-Wang/ImageDream/",
+                    "v1-5-pruned-emaonly-fp16.safetensors": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/",
+                    "v3_sd15_mm.ckpt": "https://huggingface.co/guoyww/animatediff/",
+                    "CameraCtrl.ckpt": "https://huggingface.co/hehao13/CameraCtrl/"}
+# loader node -> the folder of the file its first widget names
+LOADERS = {"ImageOnlyCheckpointLoader": "checkpoints", "MV4D_LoadMultiviewModel": "checkpoints", "CheckpointLoaderSimple": "checkpoints",
+           "MV4D_LoadMotionModule": "animatediff_models", "MV4D_LoadCameraCtrl": "animatediff_models"}
 
 
 def ui(name: str) -> dict:
@@ -28,7 +33,8 @@ def api(name: str) -> dict:
 
 
 def test_the_pipeline_templates_are_all_there():
-    assert set(TO_4D + ["epipolar_mask_preview", "text_to_3d_mvdream", "image_to_3d_imagedream"]) <= set(TEMPLATES)
+    assert set(TO_4D + ["epipolar_mask_preview", "text_to_3d_mvdream", "image_to_3d_imagedream", "text_to_video_animatediff",
+                        "text_to_video_cameractrl"]) <= set(TEMPLATES)
 
 
 @pytest.mark.parametrize("name", ["text_to_3d_mvdream", "image_to_3d_imagedream"])
@@ -54,7 +60,7 @@ def test_loaders_carry_model_metadata_matching_the_file_they_load(name):
     loaders = [node for node in workflow["nodes"] if node["type"] in LOADERS]
     for node in loaders:
         (model,) = node["properties"]["models"]
-        assert model["name"] == node["widgets_values"][0] and model["directory"] == "checkpoints"
+        assert model["name"] == node["widgets_values"][0] and model["directory"] == LOADERS[node["type"]]
         assert model["url"].startswith(CHECKPOINT_PAGES[model["name"]]) and model["url"].endswith(model["name"])
     assert sorted(m["name"] for m in workflow.get("models", [])) == sorted(n["widgets_values"][0] for n in loaders)
 

@@ -7,18 +7,21 @@ import importlib.util
 import sys
 from pathlib import Path
 
-# mv4d as the test models import it: the pack this server already loaded (ComfyUI registers a pack under its path),
-# else the checkout loaded as package mv4d, as the test suite does.
+# mv4d as the test models import it: the pack this server already loaded (ComfyUI registers a pack and its modules
+# under its path), aliased as package mv4d so both share one set of classes; else the checkout loaded as package
+# mv4d, as the test suite does.
 _ROOT = Path(__file__).resolve().parents[3]
 if "mv4d" not in sys.modules:
-    _loaded = next((module for module in list(sys.modules.values())
+    _loaded = next((name for name, module in list(sys.modules.items())
                     if getattr(module, "__file__", None) == str(_ROOT / "__init__.py")), None)
-    if _loaded is None:
+    if _loaded is not None:
+        for _name, _module in list(sys.modules.items()):
+            if _name == _loaded or _name.startswith(_loaded + "."):
+                sys.modules["mv4d" + _name[len(_loaded):]] = _module
+    else:
         _pack = importlib.util.spec_from_file_location("mv4d", _ROOT / "__init__.py", submodule_search_locations=[str(_ROOT)])
-        _loaded = importlib.util.module_from_spec(_pack)
-        sys.modules["mv4d"] = _loaded
-        _pack.loader.exec_module(_loaded)
-    sys.modules["mv4d"] = _loaded
+        sys.modules["mv4d"] = importlib.util.module_from_spec(_pack)
+        _pack.loader.exec_module(sys.modules["mv4d"])
 
 _spec = importlib.util.spec_from_file_location("mv4d_tiny_models", Path(__file__).resolve().parents[1] / "mv4d_tiny_models.py")
 tiny_models = importlib.util.module_from_spec(_spec)
@@ -53,4 +56,49 @@ class TinyMultiviewModel:
         return tiny_models.tiny_multiview_model(kind)
 
 
-NODE_CLASS_MAPPINGS = {"MV4DTest_TinyCheckpoint": TinyCheckpoint, "MV4DTest_TinyMultiviewModel": TinyMultiviewModel}
+class TinySD15Checkpoint:
+    """CheckpointLoaderSimple's outputs for an SD1.5 file: the tiny SD1.5 UNet, text encoder and VAE."""
+
+    CATEGORY = "mv4d_tests"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return tiny_models.tiny_sd15_checkpoint()
+
+
+class TinyMotionModule:
+    """MV4D Load Motion Module's output for a tiny AnimateDiff file of the named version."""
+
+    CATEGORY = "mv4d_tests"
+    RETURN_TYPES = ("MV4D_MOTION_MODULE",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"version": (list(tiny_models.MOTION_VERSIONS),)}}
+
+    def load(self, version):
+        return (tiny_models.tiny_motion_module(version),)
+
+
+class TinyCameraCtrl:
+    CATEGORY = "mv4d_tests"
+    RETURN_TYPES = ("MV4D_CAMERACTRL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return (tiny_models.tiny_cameractrl(),)
+
+
+NODE_CLASS_MAPPINGS = {"MV4DTest_TinyCheckpoint": TinyCheckpoint, "MV4DTest_TinyMultiviewModel": TinyMultiviewModel,
+                       "MV4DTest_TinySD15Checkpoint": TinySD15Checkpoint, "MV4DTest_TinyMotionModule": TinyMotionModule,
+                       "MV4DTest_TinyCameraCtrl": TinyCameraCtrl}
