@@ -47,13 +47,14 @@ def check_views(node: str, cameras: CameraRig, pixel_controller: bool) -> None:
                           "set the cameras' width and height to multiples of 8 (SD latents are 1/8 size)")
 
 
-def multiview_conditioning(node: str, model, positive, negative, cameras: CameraRig):
-    """(positive, negative, LATENT) for MVDream: one V x 1 grid, camera v on latent v."""
+def multiview_conditioning(node: str, model, positive, negative, cameras: CameraRig, frames: int = 1):
+    """(positive, negative, LATENT) for MVDream: one V x F grid (F > 1 for a multi-view video, with motion modules
+    applied to the model), view v's camera on every frame of row v."""
     checked_family(node, model, image_prompt=False)
     check_views(node, cameras, pixel_controller=False)
-    grid = Grid(len(cameras), 1)
+    grid = Grid(len(cameras), frames)
     with kernel_errors_as_node_errors(node):
-        embedded = mvdream_cameras(cameras)
+        embedded = grid.per_view(mvdream_cameras(cameras))
     values = {"camera": embedded, "grid": grid, "source": node}
     return (with_mv4d_values(positive, **values), with_mv4d_values(negative, **values),
             grid_latent(grid, cameras.height, cameras.width))

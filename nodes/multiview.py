@@ -86,19 +86,21 @@ class MultiviewConditioning(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The prompt (CLIPTextEncode with the loader's CLIP)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt."),
                 *camera_inputs(),
+                io.Int.Input("frames", default=1, min=1, max=256, optional=True,
+                             tooltip="Frames per view: more than 1 makes a multi-view video (apply a motion module to the model first)."),
             ],
             outputs=[
                 io.Conditioning.Output("positive_out", display_name="positive"),
                 io.Conditioning.Output("negative_out", display_name="negative"),
-                io.Latent.Output("latent", tooltip="One empty latent per view."),
+                io.Latent.Output("latent", tooltip="One empty latent per view and frame (view-major)."),
                 Cameras.Output("cameras_out", display_name="cameras", tooltip="The cameras used (for Decode Grid and the fit)."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, views, width, height, cameras=None) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, views, width, height, cameras=None, frames=1) -> io.NodeOutput:
         rig = rig_for(MULTIVIEW_CONDITIONING, model, cameras, views, width, height)
-        positive, negative, latent = multiview_conditioning(MULTIVIEW_CONDITIONING, model, positive, negative, rig)
+        positive, negative, latent = multiview_conditioning(MULTIVIEW_CONDITIONING, model, positive, negative, rig, frames)
         return io.NodeOutput(positive, negative, latent, rig)
 
 
