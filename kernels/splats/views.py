@@ -9,6 +9,7 @@ import torch
 
 from ..cameras import CameraRig, orbit_rig
 from ..errors import InvalidInput
+from ..memory import check_memory
 from ..multiview_video import even_times
 from .init import scene_sphere
 from .model import DynamicGaussians, Splats4D
@@ -32,6 +33,9 @@ def render_images(gaussians: DynamicGaussians, cameras: CameraRig, times: torch.
     times = torch.as_tensor(times, dtype=torch.float32).reshape(-1)
     if len(times) != len(cameras):
         raise InvalidInput("times", f"{len(times)} times for {len(cameras)} cameras", "give one time per camera")
+    # the float32 images, and half as much again for what is made of them (ComfyUI's 8-bit preview copies)
+    check_memory("images", 1.5 * 12 * len(cameras) * cameras.height * cameras.width,
+                 f"{len(cameras)} images of {cameras.width} x {cameras.height}", "render fewer frames or smaller images")
     images = torch.empty(len(cameras), cameras.height, cameras.width, 3)
     world_to_camera, intrinsics = cameras.world_to_camera.float(), cameras.intrinsics.float()
     start = 0
