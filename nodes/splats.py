@@ -53,33 +53,35 @@ def lazy_splat_frames_class():
         fields: a ComfyUI node computes every output whether or not it is connected, and a file with thousands
         of frame times would otherwise cost gigabytes on loading. Building checks free memory first."""
 
-        def __init__(self, scene: Splats4D, node: str):  # not Types.SPLAT.__init__: its fields are properties here
-            self.scene = scene
-            self.node = node
-            self.counts = None
-            self._fields: dict | None = None
+        def __init__(self, *fields, scene: Splats4D | None = None, node: str = "", **named):
+            self.scene, self.node, self._fields = scene, node, None
+            if scene is None:  # made as a plain SPLAT from tensors, as type(splat)(positions, ...) does
+                super().__init__(*fields, **named)
+            else:
+                self.counts = None
 
         def _field(self, name: str) -> torch.Tensor:
-            if self._fields is None:
+            if name not in (self._fields or {}):
                 try:
-                    self._fields = frames_at_times(self.scene.gaussians, self.scene.frame_times, SPLAT_FRAMES_FIX)
+                    built = frames_at_times(self.scene.gaussians, self.scene.frame_times, SPLAT_FRAMES_FIX)
                 except InvalidInput as error:
                     raise output_error(self.node, "splat_frames", error.problem, error.fix) from error
+                self._fields = {**built, **(self._fields or {})}  # a field set before it was read stays as set
             return self._fields[name]
 
-        positions = property(lambda self: self._field("positions"))
-        scales = property(lambda self: self._field("scales"))
-        rotations = property(lambda self: self._field("rotations"))
-        opacities = property(lambda self: self._field("opacities"))
-        sh = property(lambda self: self._field("sh"))
+        def _set(self, name: str, value: torch.Tensor) -> None:
+            self._fields = {**(self._fields or {}), name: value}
 
+    for name in ("positions", "scales", "rotations", "opacities", "sh"):
+        setattr(LazySplatFrames, name, property(lambda self, name=name: self._field(name),
+                                                lambda self, value, name=name: self._set(name, value)))
     return LazySplatFrames
 
 
 def with_splats(node: str, scene: Splats4D) -> list:
     outputs = [scene]
     if CORE_SPLAT is not None:
-        outputs.append(lazy_splat_frames_class()(scene, node))
+        outputs.append(lazy_splat_frames_class()(scene=scene, node=node))
     return outputs
 
 

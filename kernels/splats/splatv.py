@@ -216,12 +216,15 @@ def decode(data: bytes, name: str = "file.splatv") -> tuple[SplatvRecords, list[
         "scales": np.stack([s0, s1, s2], 1), "rgba": rgba, "motion": motion.reshape(count, 3, 3).copy(),
         "omega": np.stack([w0, w1, w2, w3], 1), "time_centre": centre.copy(), "time_scale": scale.copy(),
     }
+    def rows(flags: np.ndarray) -> np.ndarray:  # per Gaussian: any flag set in its row
+        return flags.any(axis=tuple(range(1, flags.ndim)))
+
     for field, values in fields.items():
-        bad = ~np.isfinite(values.reshape(count, -1)).all(axis=1)
+        bad = rows(~np.isfinite(values))
         if bad.any():
             raise file_error(name, f"Gaussian {int(bad.nonzero()[0][0])} has a NaN or infinite {field}", "write the file again from finite Gaussians")
     for field in ("scales", "time_scale"):
-        bad = (fields[field].reshape(count, -1) < 0).any(axis=1)
+        bad = rows(fields[field] < 0)
         if bad.any():
             raise file_error(name, f"Gaussian {int(bad.nonzero()[0][0])} has a negative {field.replace('_', ' ')}", SPLATV_FIX)
     return SplatvRecords(**{field: torch.from_numpy(values) for field, values in fields.items()}), splat.get("cameras", [])
