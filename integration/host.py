@@ -12,7 +12,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..kernels.files import check_output_prefix, inside, readable
+from ..kernels.files import check_output_prefix, inside, is_hidden, readable
 from .node_errors import input_error, kernel_errors_as_node_errors
 
 LPIPS_FOLDER = "lpips"
@@ -85,9 +85,9 @@ def existing_file(root: str, relative, node: str, input_name: str, folder: str, 
     if not path.exists():
         raise input_error(node, input_name, f"{relative!r} does not exist in {folder}", f"put it in {folder} and refresh the node list (R)")
     if not readable(root, path):
-        raise input_error(node, input_name, f"{relative!r} is not a file that can be read from {folder} (a folder, a hidden "
-                          "file, or a link to a file outside it)", f"copy the file itself into {folder}")
-    return path.resolve()
+        what = "a hidden file (its name starts with '.')" if is_hidden(path.name) else "not a file"
+        raise input_error(node, input_name, f"{relative!r} is {what}", f"pick {kind} from the list")
+    return path
 
 
 def fingerprint(path: Path) -> str:

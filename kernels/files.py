@@ -25,14 +25,18 @@ from .memory import check_memory
 
 
 def inside(root: str | Path, relative: str | Path, argument: str = "filename_prefix", folder: str = "the output folder") -> Path:
-    """root / relative, refused when it would leave root (.., absolute paths, links out)."""
+    """root / relative with every link resolved, refused when it would leave root (.., absolute paths, links
+    to somewhere else)."""
     if not isinstance(relative, (str, Path)) or not str(relative).strip():
         raise InvalidInput(argument, f"no file or folder given ({relative!r})", f"pick one inside {folder}")
     if "\0" in str(relative):
         raise InvalidInput(argument, f"{str(relative)!r} holds a NUL character", "use a plain name")
     root_path = Path(root).resolve()
-    path = (root_path / relative).resolve()
+    path = (root_path / relative).resolve()  # as the OS will open it: each link resolved before a '..' after it
     if path != root_path and root_path not in path.parents:
+        lexical = Path(os.path.normpath(root_path / relative))  # only to say why
+        if lexical == root_path or root_path in lexical.parents:
+            raise InvalidInput(argument, f"{str(relative)!r} is a link to somewhere outside {folder}", f"copy the file itself into {folder}")
         raise InvalidInput(argument, f"{str(relative)!r} points outside {folder}", "use a plain name or a subfolder, without '..'")
     return path
 

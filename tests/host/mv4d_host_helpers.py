@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -10,6 +11,13 @@ import urllib.request
 from pathlib import Path
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+
+
+def pack_import_failures(log: str, packs: tuple[str, ...] = ("mv4d", "mv4d_test_models")) -> list[str]:
+    """The lines of a ComfyUI log saying one of our packs failed to import. ComfyUI's own optional nodes may fail
+    to import on a host (its audio nodes without torchaudio): not ours to check."""
+    ours = re.compile(r"[/\\]custom_nodes[/\\](" + "|".join(map(re.escape, packs)) + r")(?=[\s/\\]|$)")
+    return [line for line in log.splitlines() if ("Cannot import" in line or "IMPORT FAILED" in line) and ours.search(line)]
 
 
 def run_node(node_class, **inputs):

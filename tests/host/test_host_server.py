@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mv4d_host_helpers import (WORKFLOWS, execution_error, get_json, load_api_workflow, on_tiny_models, post_prompt, run_prompt,
-                               view, wait_for_history, wait_until_node_progresses)
+from mv4d_host_helpers import (WORKFLOWS, execution_error, get_json, load_api_workflow, on_tiny_models, pack_import_failures, post_prompt,
+                               run_prompt, view, wait_for_history, wait_until_node_progresses)
 from test_host_nodes import EXPECTED_NODES, POSE_LINE
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -18,7 +18,19 @@ def test_object_info_lists_every_mv4d_node(comfy_server):
     ours = {node_id: entry for node_id, entry in info.items() if node_id.startswith("MV4D_")}
     assert {node_id: entry["display_name"] for node_id, entry in ours.items()} == EXPECTED_NODES
     assert all(entry["category"].startswith("mv4d/") and entry["description"] for entry in ours.values())
-    assert "Cannot import" not in comfy_server.log.read_text()
+    assert pack_import_failures(comfy_server.log.read_text()) == []
+
+
+def test_only_our_own_import_failures_count():
+    """Issue 12, item 6: grepping the whole log failed on hosts whose optional audio nodes do not import."""
+    log = ("Cannot import /opt/ComfyUI/comfy_extras/nodes_audio.py module for custom nodes: No module named 'torchaudio'\n"
+           "IMPORT FAILED: nodes_audio.py\n"
+           "   0.0 seconds (IMPORT FAILED): /tmp/base/custom_nodes/mv4d_other\n"
+           "   0.1 seconds: /tmp/base/custom_nodes/mv4d\n")
+    assert pack_import_failures(log) == []
+    broken = log + ("Cannot import /tmp/base/custom_nodes/mv4d module for custom nodes: No module named 'kornia'\n"
+                    "   0.0 seconds (IMPORT FAILED): C:\\ComfyUI\\custom_nodes\\mv4d_test_models\n")
+    assert pack_import_failures(broken) == broken.splitlines()[-2:]
 
 
 MAGIC = {".ply": b"ply\n", ".splatv": bytes([0x4B, 0x67, 0, 0]), ".safetensors": None}
