@@ -45,7 +45,7 @@ CVD_BAND_FRACTION = 3 / 128
 CVD_DECAY = 3.0
 DEFAULT_MAX_MASK_BYTES = 256 * 2**20
 _BYTES_PER_ENTRY = 20  # about the bytes of float32 products and flags alive per (query, key) entry while building
-BUILD_BYTES_PER_PAIR = 2048  # building the compact masks: the pair's cameras, matrices and products (measured 700-900)
+BUILD_BYTES_PER_PAIR = 2048  # building the compact masks: the pair's cameras, matrices and products (bench/memory_constants.py: 970)
 
 
 @dataclass(frozen=True, eq=False)

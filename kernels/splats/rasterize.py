@@ -29,7 +29,7 @@ FAR_PLANE = 1e10
 EPS_2D = 0.3  # pixels^2 of blur added to every projected covariance (3DGS / gsplat "classic")
 _TORCH_CHUNK_BYTES = 256 * 2**20
 _BYTES_PER_ENTRY = 48  # float32 intermediates alive per (pixel, listed Gaussian) entry of one block
-GRAD_BYTES_PER_ENTRY = 128  # what a step keeps per (pixel, listed Gaussian) entry for its backward pass (measured 95-120)
+GRAD_BYTES_PER_ENTRY = 160  # what a step keeps per (pixel, listed Gaussian) entry for its backward pass (bench/memory_constants.py: 123-129)
 TORCH_FIT_FIX = ("lower initial_gaussians, max_gaussians or resolution (the PyTorch rasteriser keeps every pixel x Gaussian "
                  "overlap of a step for its gradients), or run on a CUDA GPU")
 

@@ -144,12 +144,12 @@ def test_errors_name_the_node_the_input_and_the_fix(comfy, mv4d_nodes):
 
     binary = Path(comfy.get_input_directory()) / "binary.txt"
     binary.write_bytes(bytes(range(128, 256)) * 4)
-    with pytest.raises(NodeInputError, match=r"MV4D Load Camera Trajectory: input 'pose_file': cannot read 'binary.txt'.*Fix: use a plain-text"):
+    with pytest.raises(NodeInputError, match=r"MV4D Load Camera Trajectory: input 'pose_file': binary.txt: is not UTF-8 text \(byte 0 is 0x80\)\. Fix: use a plain-text"):
         run_node(mv4d_nodes.LoadCameraTrajectory, pose_file="binary.txt", width=64, height=64, source_aspect=1.0,
                  start_frame=0, frame_stride=1, max_frames=0, relative_to_first=True)
 
     bad = Path(comfy.get_input_directory()) / "broken.txt"
     bad.write_text("url\n" + POSE_LINE.format(stamp=0, x=0) + "\n0 0.5 0.5\n")
-    with pytest.raises(NodeInputError, match=r"MV4D Load Camera Trajectory: input 'pose_file': line 3: expected 19 numbers"):
+    with pytest.raises(NodeInputError, match=r"MV4D Load Camera Trajectory: input 'pose_file': broken.txt: line 3: expected 19 numbers"):
         run_node(mv4d_nodes.LoadCameraTrajectory, pose_file="broken.txt", width=64, height=64, source_aspect=1.0,
                  start_frame=0, frame_stride=1, max_frames=0, relative_to_first=True)

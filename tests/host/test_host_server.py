@@ -142,7 +142,7 @@ def test_bad_input_through_the_server_reports_node_input_and_fix(comfy_server):
     broken = json.loads(json.dumps(TRAJECTORY_PROMPT))
     broken["1"]["inputs"]["pose_file"] = "broken.txt"
     error = execution_error(run_prompt(comfy_server.url, broken))
-    assert "input 'pose_file': line 3: expected 19 numbers" in error["exception_message"]
+    assert "input 'pose_file': broken.txt: line 3: expected 19 numbers" in error["exception_message"]
 
 
 def test_missing_pose_file_is_refused_before_anything_runs(comfy_server):
