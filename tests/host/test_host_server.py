@@ -27,6 +27,7 @@ def test_only_our_own_import_failures_count():
            "IMPORT FAILED: nodes_audio.py\n"
            "   0.0 seconds (IMPORT FAILED): /tmp/base/custom_nodes/mv4d_other\n"
            "   0.1 seconds: /tmp/base/custom_nodes/mv4d\n")
+    assert "Cannot import" in log  # what the lane used to look for: this log failed it
     assert pack_import_failures(log) == []
     broken = log + ("Cannot import /tmp/base/custom_nodes/mv4d module for custom nodes: No module named 'kornia'\n"
                     "   0.0 seconds (IMPORT FAILED): C:\\ComfyUI\\custom_nodes\\mv4d_test_models\n")
