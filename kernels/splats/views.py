@@ -55,5 +55,10 @@ def render_images(gaussians: DynamicGaussians, cameras: CameraRig, times: torch.
 
 def grid_request(cameras: CameraRig, times: torch.Tensor) -> tuple[CameraRig, torch.Tensor]:
     """Every camera at every time, view-major (camera c, time f at index c * T + f)."""
+    count = len(cameras) * len(times)
+    # per image: its camera's matrices (float64) and, to come, the image itself (see render_images)
+    check_memory("images", count * (25 * 8 + 1.5 * 12 * cameras.height * cameras.width),
+                 f"{len(cameras)} cameras x {len(times)} times = {count} images of {cameras.width} x {cameras.height}",
+                 "render fewer frames, or connect fewer cameras")
     indices = torch.arange(len(cameras)).repeat_interleave(len(times))
     return cameras.select(indices), times.repeat(len(cameras))

@@ -117,6 +117,24 @@ TRAJECTORY_PROMPT = {
 }
 
 
+def test_a_link_loop_in_the_input_folder_does_not_stop_the_server(comfy_server):
+    """Issue 12, item 7: listing files for Load 4D / Load Camera Trajectory followed links, so one loop under
+    input/ made /object_info stop answering (and listed every file 41 times)."""
+    import time
+
+    loop = comfy_server.input_dir / "loop"
+    loop.symlink_to(comfy_server.input_dir, target_is_directory=True)
+    try:
+        started = time.monotonic()
+        info = get_json(comfy_server.url + "/object_info/MV4D_LoadCameraTrajectory")
+        assert time.monotonic() - started < 60  # a bound on hanging, not a speed claim
+    finally:
+        loop.unlink()
+    options = info["MV4D_LoadCameraTrajectory"]["input"]["required"]["pose_file"]
+    names = options[0] if isinstance(options[0], list) else options[1]["options"]
+    assert len(names) == len(set(names)) and not any(name.startswith("loop/") for name in names)
+
+
 def test_trajectory_prompt_writes_its_output_file(comfy_server):
     write_pose_file(comfy_server.input_dir / "cameras", "dolly.txt", [POSE_LINE.format(stamp=i * 33366, x=-0.05 * i) for i in range(8)])
     entry = run_prompt(comfy_server.url, TRAJECTORY_PROMPT)

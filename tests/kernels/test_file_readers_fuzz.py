@@ -35,7 +35,8 @@ TOKENS = ("nan", "inf", "-inf", "-1", "0", "-0", "1e309", "99999999999999999999"
           "{}", "[[[[", "3.5", "\x00", "\u00e9", "0x10", "1_000")
 
 
-def moving_gaussians(count=40, config=MotionConfig(sh_degree=1), seed=0):
+def moving_gaussians(count=40, config: MotionConfig | None = None, seed=0):
+    config = config or MotionConfig(sh_degree=1)
     generator = torch.Generator().manual_seed(seed)
     gaussians = new_gaussians(torch.randn(count, 3, generator=generator) * 0.3, torch.rand(count, 3, generator=generator),
                               0.01 + 0.05 * torch.rand(count, generator=generator), config, opacity=0.5)

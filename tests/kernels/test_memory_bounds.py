@@ -174,6 +174,15 @@ def test_rendering_more_images_than_fit_is_refused_before_allocating():
             render_images(scene.gaussians, rig, times, torch.ones(3))
 
 
+def test_every_camera_at_every_time_is_checked_before_the_cameras_are_repeated():
+    from mv4d.kernels.splats.views import grid_request
+
+    trajectory = orbit_rig(100_000, height=4096, width=4096)  # a long pose file, at the schema's largest size
+    with memory_limit(64 * 2**20):
+        with pytest.raises(InvalidInput, match=r"^images: 100000 cameras x 1000 times = 100000000 images of 4096 x 4096 " + MESSAGE):
+            grid_request(trajectory, torch.linspace(0, 1, 1000))
+
+
 def test_the_example_scene_refuses_what_does_not_fit_and_reports_each_image():
     with memory_limit(64 * 2**20):
         with pytest.raises(InvalidInput, match=r"^cameras: 256 views x 1000 frames of 8192 x 8192 " + MESSAGE):
