@@ -222,7 +222,7 @@ class Save4D(io.ComfyNode):
             description=(
                 "Saves 4D Gaussians under ComfyUI's output folder: the lossless .mv4d.safetensors (MV4D Load 4D), a "
                 ".splatv for 4D web players (splaTV), one INRIA .ply per frame, and optionally a static .ply of one time. "
-                "Each file is written whole or not at all."
+                "The files appear together once all are written, or none of them (an error or Cancel leaves nothing behind)."
             ),
             is_output_node=True,
             inputs=[
