@@ -12,7 +12,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..kernels.files import inside
+from ..kernels.files import check_output_prefix, inside, is_hidden, readable
 from .node_errors import input_error, kernel_errors_as_node_errors
 
 LPIPS_FOLDER = "lpips"
@@ -58,10 +58,15 @@ def register_model_folders() -> None:
             folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
 
 
+def check_prefix(filename_prefix: str) -> None:
+    """An output prefix is checked before the prompt runs (a node's validate_inputs) and again when it writes."""
+    check_output_prefix(folder_paths.get_output_directory(), filename_prefix)
+
+
 def output_base(filename_prefix: str) -> Path:
-    """The base path (no suffix) of a new numbered output, refused outside the output folder."""
+    """The base path (no suffix) of a new numbered output; a prefix that cannot be written is refused."""
     output = folder_paths.get_output_directory()
-    inside(output, filename_prefix)
+    check_output_prefix(output, filename_prefix)
     full_folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, output)
     return Path(full_folder) / f"{filename}_{counter:05}_"
 
@@ -72,22 +77,20 @@ def ui_entry(path: Path) -> dict:
     return {"filename": relative.name, "subfolder": relative.parent.as_posix() if relative.parent != Path(".") else "", "type": "output"}
 
 
-def files_under(root: str, suffixes: tuple[str, ...]) -> list[str]:
-    """Relative paths (with /) of the files anywhere under root whose names end with one of the suffixes."""
-    found = []
-    for directory, _, names in os.walk(root, followlinks=True):
-        for name in names:
-            if name.lower().endswith(suffixes):
-                found.append(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
-    return sorted(found)
-
-
-def existing_file(root: str, relative: str, node: str, input_name: str, folder: str) -> Path:
-    """The file `relative` under root, refused when it leaves root or does not exist (a node input error)."""
+def existing_file(root: str, relative, node: str, input_name: str, folder: str, kind: str = "a file") -> Path:
+    """The file `relative` under root, as the reading rule of kernels/files.py accepts it (inside root once
+    links are resolved, not hidden); anything else is a node input error."""
+    if not isinstance(relative, str) or not relative.strip():
+        raise input_error(node, input_name, f"no file chosen ({relative!r}): {folder} has none to list, or the list is "
+                          "out of date", f"put {kind} into {folder} and refresh the node list (R)")
     with kernel_errors_as_node_errors(node, {input_name: input_name}):
-        path = inside(root, relative, input_name, folder)
-    if not path.is_file():
+        inside(root, relative, input_name, folder)
+    path = Path(root) / relative
+    if not path.exists():
         raise input_error(node, input_name, f"{relative!r} does not exist in {folder}", f"put it in {folder} and refresh the node list (R)")
+    if not readable(root, path):
+        what = "a hidden file (its name starts with '.')" if is_hidden(path.name) else "not a file"
+        raise input_error(node, input_name, f"{relative!r} is {what}", f"pick {kind} from the list")
     return path
 
 

@@ -37,6 +37,7 @@ from kornia.geometry.epipolar import cross_product_matrix
 
 from .cameras import GEOMETRY_DTYPE, CameraRig
 from .errors import InvalidInput
+from .memory import check_memory
 
 MaskMode = Literal["hard", "soft"]
 CVD_REFERENCE_PIXELS = 256
@@ -44,6 +45,7 @@ CVD_BAND_FRACTION = 3 / 128
 CVD_DECAY = 3.0
 DEFAULT_MAX_MASK_BYTES = 256 * 2**20
 _BYTES_PER_ENTRY = 20  # about the bytes of float32 products and flags alive per (query, key) entry while building
+BUILD_BYTES_PER_PAIR = 2048  # building the compact masks: the pair's cameras, matrices and products (bench/memory_constants.py: 970)
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,12 +98,13 @@ class EpipolarMask:
     def dense(
         self,
         pair_indices: Sequence[int] | torch.Tensor | None = None,
-        query_slice: slice = slice(None),
+        query_slice: slice | torch.Tensor = slice(None),
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """(p, q, keys) masks of the chosen pairs for the chosen query rows, queries and keys flattened row-major
-        (the `(h w)` order of einops). hard: bool, True = may attend. soft: additive bias in `dtype`."""
+        """(p, q, keys) masks of the chosen pairs for the chosen query rows (a slice, or a tensor of row indices),
+        queries and keys flattened row-major (the `(h w)` order of einops). hard: bool, True = may attend. soft:
+        additive bias in `dtype`. Only the chosen rows are built."""
         pair_indices = _pair_index_tensor(pair_indices, self.num_pairs)
         device = torch.device(device) if device is not None else torch.device("cpu")
         line_maps = self.line_maps[pair_indices].to(device, torch.float32)
@@ -121,14 +124,19 @@ class EpipolarMask:
         misses the target image) attends to nothing; PyTorch's SDPA returns zeros for such rows."""
         return self.dense(pair_indices, query_slice, device, dtype)[:, None]
 
-    def density(self, pair_indices=None, max_bytes: int = DEFAULT_MAX_MASK_BYTES) -> torch.Tensor:
-        """(p,) fraction of (query, key) entries inside the mask (soft: with zero bias), built in chunks."""
+    def density(self, pair_indices=None, max_bytes: int = DEFAULT_MAX_MASK_BYTES, max_queries: int | None = None) -> torch.Tensor:
+        """(p,) fraction of (query, key) entries inside the mask (soft: with zero bias), built in chunks; over every
+        query row, or over `max_queries` rows evenly spread over the map (an estimate at a bounded cost)."""
         pair_indices = _pair_index_tensor(pair_indices, self.num_pairs)
+        rows = torch.arange(self.num_queries)
+        if max_queries is not None and max_queries < self.num_queries:
+            rows = torch.linspace(0, self.num_queries - 1, max(1, max_queries)).round().long().unique()
         inside = torch.zeros(len(pair_indices), dtype=torch.float64)
-        for rows in self.query_chunks(len(pair_indices), max_bytes):
-            chunk = self.dense(pair_indices, rows)
-            inside += (chunk if self.mode == "hard" else chunk == 0).flatten(1).sum(1).double()
-        return inside / (self.num_queries * self.num_keys)
+        per_chunk = max(1, max_bytes // (_BYTES_PER_ENTRY * len(pair_indices) * self.num_keys))
+        for chunk in rows.split(per_chunk):
+            built = self.dense(pair_indices, chunk)
+            inside += (built if self.mode == "hard" else built == 0).flatten(1).sum(1).double()
+        return inside / (len(rows) * self.num_keys)
 
 
 def epipolar_attention(
@@ -191,6 +199,10 @@ def build_epipolar_mask(
     if len(cameras) < 2 and pairs is None:
         raise InvalidInput("cameras", f"an epipolar mask needs at least 2 views, got {len(cameras)}",
                            "pass a rig with 2 or more cameras")
+    count = len(cameras) * (len(cameras) - 1) if pairs is None else len(pairs)
+    check_memory("cameras", BUILD_BYTES_PER_PAIR * count, f"the masks of {count} ordered pairs of views ({len(cameras)} views)",
+                 "use fewer views: every ordered pair of views gets a mask (e.g. lower max_frames or raise frame_stride "
+                 "in MV4D Load Camera Trajectory)")
     pairs = all_ordered_pairs(len(cameras)) if pairs is None else [tuple(map(int, pair)) for pair in pairs]
     if not pairs:
         raise InvalidInput("pairs", "no view pairs given", "pass at least one (source, target) pair")

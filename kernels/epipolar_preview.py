@@ -15,6 +15,7 @@ PALETTE = torch.tensor([
     [0.60, 0.20, 0.80], [0.05, 0.75, 0.75], [0.85, 0.20, 0.60], [0.45, 0.35, 0.10],
 ])
 _GAP = 8  # white pixels between the two panels
+SUMMARY_ENTRIES = 1 << 26  # (query, key) entries the summary's density is computed over at most (72 x 72: all)
 
 
 def pick_query_cells(mask: EpipolarMask, count: int, seed: int) -> torch.Tensor:
@@ -46,7 +47,7 @@ def render_mask_preview(
     source = _background(source_image, mask.query_size, panel_height, panel_width)
     target = _background(target_image, mask.key_size, panel_height, panel_width)
 
-    rows = mask.dense([pair_index])[0][query_cells]  # (n, keys)
+    rows = mask.dense([pair_index], query_cells)[0]  # (n, keys): only the rows shown are built
     weights = rows.float() if mask.mode == "hard" else rows.float().exp()
     weights = weights.reshape(-1, 1, *mask.key_size)
     weights = F.interpolate(weights, size=(panel_height, panel_width), mode="nearest")[:, 0]
@@ -73,6 +74,14 @@ def render_mask_preview(
         source = torch.where((dot < radius)[..., None], colour, source)
     gap = torch.ones(panel_height, _GAP, 3)
     return torch.cat([source, gap, target], dim=1).clamp(0, 1)
+
+
+def pair_density(mask: EpipolarMask, pair_index: int) -> tuple[float, int]:
+    """(density of the pair's mask, query rows it was computed over): exact over every row when the pair has at
+    most SUMMARY_ENTRIES entries, else estimated from that many entries' worth of rows spread over the map, so a
+    preview at any feature size costs about the same."""
+    rows = min(mask.num_queries, max(1, SUMMARY_ENTRIES // mask.num_keys))
+    return float(mask.density([pair_index], max_queries=rows)[0]), rows
 
 
 def _background(image: torch.Tensor | None, cells: tuple[int, int], height: int, width: int) -> torch.Tensor:

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from .cameras import GEOMETRY_DTYPE, CameraRig, find_camera_problem
-from .errors import InvalidInput
+from .errors import InvalidInput, file_error
+from .files import read_whole_file
 
 NUMBERS_PER_FRAME = 19
+POSE_FIX = "use a plain-text RealEstate10K / CameraCtrl pose file"
+# Parsing holds every number as a Python float in lists (about 32 bytes for each of 19 numbers of a line of at
+# least 38 characters), then a float64 tensor: about 20 bytes of working memory per byte of text.
+READ_MEMORY_PER_BYTE = 20
 _FIELD_HELP = "timestamp, fx, fy, cx, cy, two distortion terms, then the 12 entries of the 3x4 world-to-camera matrix"
 
 
@@ -124,6 +129,24 @@ def parse_pose_file(
     if relative_to_first:
         cameras = cameras.relative_to_camera(0)
     return PoseTrajectory(cameras, [int(v) for v in values[:, 0].tolist()], numbers)
+
+
+def load_pose_file(path, height: int, width: int, **selection) -> PoseTrajectory:
+    """parse_pose_file of a file: its text (UTF-8, its size checked against free memory first), every error an
+    InvalidInput naming the file."""
+    data = read_whole_file(path, READ_MEMORY_PER_BYTE, POSE_FIX, argument="pose_file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise file_error(path, f"is not UTF-8 text (byte {error.start} is {data[error.start]:#04x})", POSE_FIX, "pose_file") from None
+    if "\0" in text:
+        raise file_error(path, f"holds a NUL byte at character {text.index(chr(0))}: it is not a text file", POSE_FIX, "pose_file")
+    try:
+        return parse_pose_file(text, height, width, **selection)
+    except InvalidInput as error:
+        if error.argument != "pose_file":
+            raise
+        raise file_error(path, error.problem, error.fix, "pose_file") from None
 
 
 def format_pose_file(trajectory: CameraRig, timestamps_us: list[int] | None = None, url: str = "mv4d") -> str:

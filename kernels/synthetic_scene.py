@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .cameras import CameraRig
 from .errors import InvalidInput
+from .memory import check_memory
 from .multiview_video import MultiviewVideo, even_times
 
 _LIGHT = torch.tensor([0.4, 0.3, 0.85])
@@ -98,13 +100,20 @@ def _cast(origins: torch.Tensor, directions: torch.Tensor, time: float) -> tuple
     return colour, torch.isfinite(nearest)
 
 
-def render_scene(cameras: CameraRig, times: torch.Tensor, supersample: int = 2, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def render_scene(cameras: CameraRig, times: torch.Tensor, supersample: int = 2, device: torch.device | str = "cpu",
+                 on_image: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (V, F, H, W, 3) and object masks (V, F, H, W) of the scene, one camera per view, at the rig's size,
-    on `device`. Each pixel averages supersample x supersample rays (anti-aliasing, as a real image is)."""
+    on `device`. Each pixel averages supersample x supersample rays (anti-aliasing, as a real image is).
+    on_image(done, total) is called after each image (progress and interrupt checks)."""
     if supersample < 1:
         raise InvalidInput("supersample", f"must be at least 1, got {supersample}", "use 1 (fast) or 2")
     times = torch.as_tensor(times, dtype=torch.float32).reshape(-1)
     height, width = cameras.height * supersample, cameras.width * supersample
+    # images and masks (16 bytes a pixel), and per image the rays being cast (about 200 bytes each: directions,
+    # origins and the per-object intersection terms)
+    check_memory("cameras", 16 * len(cameras) * len(times) * cameras.height * cameras.width + 200 * height * width,
+                 f"{len(cameras)} views x {len(times)} frames of {cameras.width} x {cameras.height}",
+                 "use fewer views or frames, or smaller images", device)
     rig = cameras.resized(height, width)
     rows, cols = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
     pixels = torch.stack([cols, rows, torch.ones_like(rows)], -1).reshape(-1, 3).double()
@@ -120,6 +129,8 @@ def render_scene(cameras: CameraRig, times: torch.Tensor, supersample: int = 2, 
             hit = hit.reshape(1, 1, height, width).float()
             images[view, frame] = F.avg_pool2d(colour, supersample)[0].permute(1, 2, 0)
             masks[view, frame] = F.avg_pool2d(hit, supersample)[0, 0]
+            if on_image is not None:
+                on_image(view * len(times) + frame + 1, len(rig) * len(times))
     return images.clamp(0, 1), masks
 
 
@@ -128,6 +139,9 @@ def perturb_like_generated(images: torch.Tensor, generator: torch.Generator, str
     Random numbers come from the (CPU) generator whatever the images' device, so results do not depend on it."""
     flat = images.reshape(-1, *images.shape[-3:])  # (B, H, W, 3)
     count, height, width, _ = flat.shape
+    # the sampling grid (8 bytes a pixel), the shifted images, the noise and the result (12 each)
+    check_memory("images", 44 * count * height * width, f"perturbing {count} images of {width} x {height}",
+                 "set perturbation to 0, or use fewer views or frames", images.device)
     gain = (1 + 0.03 * strength * torch.randn(count, 1, 1, 1, generator=generator)).to(images.device)
     cast = (0.015 * strength * torch.randn(count, 1, 1, 3, generator=generator)).to(images.device)
     shift = 0.3 * strength * torch.randn(count, 2, generator=generator)  # pixels
@@ -143,12 +157,14 @@ def perturb_like_generated(images: torch.Tensor, generator: torch.Generator, str
 
 
 def example_multiview_video(cameras: CameraRig, frames: int, seed: int = 0, perturbation: float = 1.0,
-                            supersample: int = 2, device: torch.device | str = "cpu") -> MultiviewVideo:
-    """The scene seen by a fixed rig over `frames` evenly spaced times, perturbed like generated images."""
+                            supersample: int = 2, device: torch.device | str = "cpu",
+                            on_image: Callable[[int, int], None] | None = None) -> MultiviewVideo:
+    """The scene seen by a fixed rig over `frames` evenly spaced times, perturbed like generated images.
+    on_image(done, total) is called after each image is cast (progress and interrupt checks)."""
     if frames < 1:
         raise InvalidInput("frames", f"must be at least 1, got {frames}", "render one or more frames")
     times = even_times(frames)
-    images, _ = render_scene(cameras, times, supersample, device)
+    images, _ = render_scene(cameras, times, supersample, device, on_image)
     if perturbation > 0:
         images = perturb_like_generated(images, torch.Generator().manual_seed(seed), perturbation)
     return MultiviewVideo(images, cameras, times)

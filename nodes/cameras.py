@@ -6,9 +6,10 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..kernels.cameras import orbit_rig
-from ..kernels.pose_files import parse_pose_file
+from ..kernels.files import files_under
+from ..kernels.pose_files import load_pose_file
 from ..integration import host
-from ..integration.node_errors import input_error, kernel_errors_as_node_errors
+from ..integration.node_errors import check_numbers, input_error, kernel_errors_as_node_errors
 from .types import Cameras
 
 MAX_SIZE = 8192
@@ -51,6 +52,7 @@ class OrbitCameras(io.ComfyNode):
 
     @classmethod
     def execute(cls, views, elevation, radius, fov, width, height, start_azimuth, order, span=360.0) -> io.NodeOutput:
+        check_numbers("MV4D Orbit Cameras", locals())
         if order not in (ORDER_SV3D, ORDER_INPUT_FIRST):
             raise input_error("MV4D Orbit Cameras", "order", f"unknown order {order!r}", f"choose {ORDER_SV3D!r} or {ORDER_INPUT_FIRST!r}")
         with kernel_errors_as_node_errors("MV4D Orbit Cameras", {"fov": "fov", "image_size": "width/height"}):
@@ -59,7 +61,8 @@ class OrbitCameras(io.ComfyNode):
 
 
 def resolve_pose_file(relative_path: str):
-    return host.existing_file(folder_paths.get_input_directory(), relative_path, LOAD_TRAJECTORY, "pose_file", "the input folder")
+    return host.existing_file(folder_paths.get_input_directory(), relative_path, LOAD_TRAJECTORY, "pose_file", "the input folder",
+                              "a .txt pose file")
 
 
 class LoadCameraTrajectory(io.ComfyNode):
@@ -75,7 +78,7 @@ class LoadCameraTrajectory(io.ComfyNode):
                 "scaled to cover width x height and centre-cropped, as CameraCtrl does."
             ),
             inputs=[
-                io.Combo.Input("pose_file", options=host.files_under(folder_paths.get_input_directory(), (".txt",)),
+                io.Combo.Input("pose_file", options=files_under(folder_paths.get_input_directory(), (".txt",)),
                                tooltip="A .txt pose file inside ComfyUI's input folder (subfolders allowed)."),
                 io.Int.Input("width", default=256, min=8, max=MAX_SIZE, step=8, tooltip="Width of the generated frames."),
                 io.Int.Input("height", default=256, min=8, max=MAX_SIZE, step=8, tooltip="Height of the generated frames."),
@@ -111,13 +114,9 @@ class LoadCameraTrajectory(io.ComfyNode):
 
     @classmethod
     def execute(cls, pose_file, width, height, source_aspect, start_frame, frame_stride, max_frames, relative_to_first) -> io.NodeOutput:
+        check_numbers(LOAD_TRAJECTORY, locals())
         path = resolve_pose_file(pose_file)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as error:
-            raise input_error(LOAD_TRAJECTORY, "pose_file", f"cannot read {pose_file!r} ({error})",
-                              "use a plain-text RealEstate10K / CameraCtrl pose file") from None
         with kernel_errors_as_node_errors(LOAD_TRAJECTORY, {"size": "width/height", "frames": "start_frame/frame_stride/max_frames"}):
-            trajectory = parse_pose_file(text, height, width, source_aspect, start_frame, frame_stride, max_frames, relative_to_first)
+            trajectory = load_pose_file(path, height, width, source_aspect=source_aspect, start_frame=start_frame,
+                                        frame_stride=frame_stride, max_frames=max_frames, relative_to_first=relative_to_first)
         return io.NodeOutput(trajectory.cameras, len(trajectory.cameras))

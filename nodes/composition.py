@@ -21,7 +21,7 @@ from ..integration import host
 from ..integration.composed_guider import GUIDER, ComposedGuider
 from ..integration.grid_latent import decode_grid, grid_latent, image_samples
 from ..integration.grid_conditioning import encode_references, grid_conditioning, official_sv3d_angles, sv3d_conditioning
-from ..integration.node_errors import input_error, kernel_errors_as_node_errors
+from ..integration.node_errors import check_numbers, input_error, kernel_errors_as_node_errors
 from .types import Cameras, GridConditioningSocket, MultiviewVideoSocket
 
 SV3D_CONDITIONING = "MV4D SV3D Conditioning"
@@ -106,6 +106,7 @@ class SV3DConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip_vision, init_image, vae, cameras, augmentation_level) -> io.NodeOutput:
+        check_numbers(SV3D_CONDITIONING, locals())
         check_latent_size(SV3D_CONDITIONING, cameras.height, cameras.width)
         elevations, azimuths = sv3d_lists(SV3D_CONDITIONING, cameras)
         image = comfy.utils.common_upscale(init_image[:1, ..., :3].movedim(-1, 1), cameras.width, cameras.height,
@@ -151,6 +152,7 @@ class GridConditioningNode(io.ComfyNode):
     def execute(cls, clip_vision, vae, cameras, reference_views, reference_frames, fps, motion_bucket_id,
                 video_augmentation, multiview_augmentation, multiview_clip_vision=None) -> io.NodeOutput:
         node = GRID_CONDITIONING
+        check_numbers(node, locals())
         height, width = cameras.height, cameras.width
         check_latent_size(node, height, width)
         check_images(node, "reference_views", reference_views, len(cameras), height, width)
@@ -219,6 +221,7 @@ class ComposedGuiderNode(io.ComfyNode):
                 multiview_cfg_first, multiview_cfg_last, schedule, multiview_weight, weight_start, weight_end,
                 logistic_k, logistic_center, per_view_weights, videos_per_call, multiview_sets_per_call,
                 guidance_sigma_min=0.0, guidance_sigma_max=GUIDANCE_SIGMA_MAX, alternate_models=False) -> io.NodeOutput:
+        check_numbers(GUIDER, locals())
         if guidance_sigma_min > guidance_sigma_max:
             raise input_error(GUIDER, "guidance_sigma_min", f"{guidance_sigma_min} is above guidance_sigma_max {guidance_sigma_max}",
                               "set guidance_sigma_min <= guidance_sigma_max (or 0 and 1000 to guide every step)")
@@ -290,6 +293,7 @@ class DecodeGrid(io.ComfyNode):
     @classmethod
     def execute(cls, vae, grid_latent, cameras, frames_per_decode, preview_fps) -> io.NodeOutput:
         node = DECODE_GRID
+        check_numbers(node, locals())
         samples, recorded = image_samples(grid_latent)
         views = len(cameras)
         if samples.ndim != 4 or samples.shape[0] % views:

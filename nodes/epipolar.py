@@ -5,8 +5,8 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..kernels.epipolar import CVD_BAND_FRACTION, CVD_DECAY, CVD_REFERENCE_PIXELS, build_epipolar_mask, reference_size_for
-from ..kernels.epipolar_preview import pick_query_cells, render_mask_preview
-from ..integration.node_errors import input_error, kernel_errors_as_node_errors
+from ..kernels.epipolar_preview import pair_density, pick_query_cells, render_mask_preview
+from ..integration.node_errors import check_numbers, input_error, kernel_errors_as_node_errors
 from .types import Cameras, EpipolarMaskSocket
 
 MASK_NODE = "MV4D Epipolar Mask"
@@ -45,6 +45,7 @@ class EpipolarMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, cameras, latent_width, latent_height, mode, tau, reference_resolution, band_fraction, decay, slope_seed) -> io.NodeOutput:
+        check_numbers(MASK_NODE, locals())
         with kernel_errors_as_node_errors(MASK_NODE, {"query_size": "latent_width/latent_height", "key_size": "latent_width/latent_height"}):
             reference = None if reference_resolution == 0 else reference_size_for(cameras, reference_resolution)
             mask = build_epipolar_mask(
@@ -83,12 +84,18 @@ class PreviewEpipolarMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, epipolar_mask, source_view, target_view, queries, query_seed, panel_height, images=None) -> io.NodeOutput:
-        pairs = epipolar_mask.pairs.tolist()
-        if [source_view, target_view] not in pairs:
-            views = 1 + max(max(pair) for pair in pairs)
-            problem = "source_view equals target_view" if source_view == target_view else f"views {source_view} -> {target_view} are not a pair of this {views}-view mask"
-            raise input_error(PREVIEW_NODE, "target_view", problem, f"pick two different views in 0..{views - 1}")
-        pair_index = pairs.index([source_view, target_view])
+        pairs = epipolar_mask.pairs
+        views = 1 + int(pairs.max())
+        for name, view in (("source_view", source_view), ("target_view", target_view)):
+            if view >= views:
+                raise input_error(PREVIEW_NODE, name, f"view {view} does not exist in this {views}-view mask", f"pick a view in 0..{views - 1}")
+        if source_view == target_view:
+            raise input_error(PREVIEW_NODE, "target_view", "source_view equals target_view", f"pick two different views in 0..{views - 1}")
+        found = ((pairs[:, 0] == source_view) & (pairs[:, 1] == target_view)).nonzero()
+        if len(found) == 0:
+            raise input_error(PREVIEW_NODE, "target_view", f"views {source_view} -> {target_view} are not a pair of this mask",
+                              "pick a pair the mask was built for")
+        pair_index = int(found[0, 0])
         source_image = target_image = None
         if images is not None:
             if images.shape[0] <= max(source_view, target_view):
@@ -98,11 +105,12 @@ class PreviewEpipolarMask(io.ComfyNode):
         with kernel_errors_as_node_errors(PREVIEW_NODE):
             cells = pick_query_cells(epipolar_mask, queries, query_seed)
             picture = render_mask_preview(epipolar_mask, pair_index, cells, source_image, target_image, panel_height)
-        density = float(epipolar_mask.density([pair_index])[0])
+        density, rows = pair_density(epipolar_mask, pair_index)
         kind = "pseudo-epipolar" if bool(epipolar_mask.pseudo[pair_index]) else "epipolar"
+        over = "" if rows == epipolar_mask.num_queries else f", estimated from {rows} query rows spread over the map"
         summary = (
             f"views {source_view} -> {target_view}: {epipolar_mask.mode} {kind} mask, density {density:.2%} "
-            f"({epipolar_mask.num_queries} query x {epipolar_mask.num_keys} key cells)"
+            f"({epipolar_mask.num_queries} query x {epipolar_mask.num_keys} key cells{over})"
         )
         picture = picture[None]  # IMAGE batch of one
         return io.NodeOutput(picture, summary, ui=ui.PreviewImage(picture, cls=cls))

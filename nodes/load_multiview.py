@@ -3,7 +3,6 @@ input directory, for the multi-view -> 4D workflow. The batch runner uploads eac
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -14,7 +13,10 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..integration.node_errors import input_error
+from ..kernels.files import files_in_folder, walk_folders
+from ..kernels.memory import check_memory
+from ..integration import host
+from ..integration.node_errors import input_error, kernel_errors_as_node_errors
 
 LOAD_MULTIVIEW = "MV4D Load Multiview Images"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -29,25 +31,26 @@ def natural_key(name: str) -> list:
 
 
 def image_files(folder: Path) -> list[Path]:
-    files = [entry for entry in folder.iterdir() if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES]
+    """The views of a folder under the input folder, as the reading rule of kernels/files.py accepts them (not
+    hidden, like macOS's ._ files; a link only to a file inside the input folder), in natural name order."""
+    files = files_in_folder(folder_paths.get_input_directory(), folder, IMAGE_SUFFIXES)
     return sorted(files, key=lambda entry: natural_key(entry.name))
 
 
 def multiview_folders() -> list[str]:
     """Subfolders of the input directory holding at least two images, as paths relative to it."""
     root = Path(folder_paths.get_input_directory())
-    found = []
-    for current, subfolders, _ in os.walk(root):
-        depth = len(Path(current).relative_to(root).parts)
-        if depth >= MAX_FOLDER_DEPTH:
-            subfolders.clear()
-        if depth and len(image_files(Path(current))) >= 2:
-            found.append(Path(current).relative_to(root).as_posix())
+    found = [folder.relative_to(root).as_posix() for folder in walk_folders(root, MAX_FOLDER_DEPTH)
+             if folder != root and len(image_files(folder)) >= 2]
     return sorted(found, key=natural_key)
 
 
-def resolve_folder(folder: str) -> Path:
+def resolve_folder(folder) -> Path:
     root = Path(folder_paths.get_input_directory()).resolve()
+    if not isinstance(folder, str) or not folder.strip():
+        raise input_error(LOAD_MULTIVIEW, "folder", f"no folder chosen ({folder!r}): ComfyUI's input folder has no subfolder "
+                          "of at least 2 images, or the list is out of date",
+                          "copy the multi-view set into ComfyUI/input/<name>/ and refresh the node list (R)")
     path = (root / folder).resolve()
     if not path.is_relative_to(root) or path == root:
         raise input_error(LOAD_MULTIVIEW, "folder", f"'{folder}' is not a subfolder of ComfyUI's input folder",
@@ -58,6 +61,29 @@ def resolve_folder(folder: str) -> Path:
     return path
 
 
+UNREADABLE = (UnidentifiedImageError, OSError, Image.DecompressionBombError)
+
+
+def pixel_count(path: Path) -> int:
+    """Width x height from the image's header, without decoding it."""
+    try:
+        with Image.open(path) as opened:
+            return opened.size[0] * opened.size[1]
+    except UNREADABLE as error:
+        raise input_error(LOAD_MULTIVIEW, "folder", f"cannot read {path.name} as an image ({error})",
+                          "remove or replace that file") from error
+
+
+def check_views_memory(files: list[Path], size: int) -> None:
+    """The views as float32 RGB and their batch (24 bytes a pixel of the output), and the decoding of the
+    largest one (RGBA, float and resized copies: about 32 bytes a pixel of the file), against free memory."""
+    counts = [pixel_count(path) for path in files]
+    output = sum(counts) if size == 0 else len(files) * size * size
+    with kernel_errors_as_node_errors(LOAD_MULTIVIEW, {"size": "size"}):
+        check_memory("size", 24 * output + 32 * max(counts), f"{len(files)} views at {size or 'their own'} px",
+                     "lower size, or use fewer or smaller images")
+
+
 def load_rgb(path: Path) -> np.ndarray:
     """RGB in [0, 1]; transparent pixels go on white, the background SV3D and SVD expect (as the official code
     prepares its inputs)."""
@@ -65,7 +91,7 @@ def load_rgb(path: Path) -> np.ndarray:
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened)
             image.load()
-    except (UnidentifiedImageError, OSError) as error:
+    except UNREADABLE as error:
         raise input_error(LOAD_MULTIVIEW, "folder", f"cannot read {path.name} as an image ({error})",
                           "remove or replace that file") from error
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
@@ -106,7 +132,7 @@ class LoadMultiviewImages(io.ComfyNode):
         # built: folders uploaded after that (the batch runner's) are valid too.
         try:
             views = image_files(resolve_folder(folder))
-        except Exception as error:  # noqa: BLE001 - the message is what the user needs
+        except ValueError as error:
             return str(error)
         if len(views) < 2:
             return f"{LOAD_MULTIVIEW}: input 'folder': '{folder}' holds {len(views)} image(s); a multi-view set needs at least 2"
@@ -115,7 +141,10 @@ class LoadMultiviewImages(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, folder, **_) -> str:
         # Re-run when the files change, as core LoadImage does for its file.
-        files = image_files(resolve_folder(folder))
+        try:
+            files = image_files(resolve_folder(folder))
+        except ValueError:
+            return str(folder)
         return ";".join(f"{entry.name}:{entry.stat().st_size}:{entry.stat().st_mtime_ns}" for entry in files)
 
     @classmethod
@@ -124,12 +153,14 @@ class LoadMultiviewImages(io.ComfyNode):
         if len(files) < 2:
             raise input_error(LOAD_MULTIVIEW, "folder", f"'{folder}' holds {len(files)} image(s)",
                               "put at least 2 views (SV3D: 21) in the folder")
-        views = []
-        for path in files:
+        check_views_memory(files, size)
+        views, on_view = [], host.progress()
+        for number, path in enumerate(files, start=1):
             image = torch.from_numpy(load_rgb(path))[None]
             if size:
                 image = comfy.utils.common_upscale(image.movedim(-1, 1), size, size, "bilinear", "center").movedim(1, -1)
             views.append(image)
+            on_view(number, len(files))
         shapes = {tuple(view.shape[1:3]) for view in views}
         if len(shapes) > 1:
             raise input_error(LOAD_MULTIVIEW, "size", f"the views have different sizes {sorted(shapes)}",

@@ -7,7 +7,8 @@ from comfy_api.latest import io
 
 from ..kernels.multiview_video import from_image_batch, to_image_batch
 from ..kernels.synthetic_scene import example_multiview_video
-from ..integration.node_errors import kernel_errors_as_node_errors
+from ..integration import host
+from ..integration.node_errors import check_numbers, kernel_errors_as_node_errors
 from .types import Cameras, MultiviewVideoSocket
 
 IMAGES_TO_VIDEO = "MV4D Images To Multiview Video"
@@ -67,7 +68,7 @@ class ExampleScene(io.ComfyNode):
             category="mv4d/examples",
             description="A synthetic animated scene (a spinning checkered ball, a striped ellipsoid, a ringed plinth) "
                         "ray-cast from the given cameras, with small per-image perturbations like generated images "
-                        "have. Ground truth to try the 4D Gaussian fit without any model.",
+                        "have. Ground truth to try the 4D Gaussian fit without any model. Cancel stops it at the next image.",
             inputs=[
                 Cameras.Input("cameras", tooltip="The views, e.g. from MV4D Orbit Cameras (the scene sits at the origin, +Z up)."),
                 io.Int.Input("frames", default=25, min=1, max=1000, tooltip="Frames per view over the clip."),
@@ -80,5 +81,6 @@ class ExampleScene(io.ComfyNode):
 
     @classmethod
     def execute(cls, cameras, frames, perturbation, perturbation_seed) -> io.NodeOutput:
-        with kernel_errors_as_node_errors(EXAMPLE_SCENE):
-            return io.NodeOutput(example_multiview_video(cameras, frames, perturbation_seed, perturbation))
+        check_numbers(EXAMPLE_SCENE, locals())
+        with kernel_errors_as_node_errors(EXAMPLE_SCENE, {"cameras": "cameras/frames"}):
+            return io.NodeOutput(example_multiview_video(cameras, frames, perturbation_seed, perturbation, on_image=host.progress()))

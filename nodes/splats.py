@@ -3,6 +3,7 @@ type (0.29+), the 4D result is also given as a per-frame SPLAT batch for core sp
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -13,12 +14,14 @@ from comfy_api.latest import io, ui
 from ..kernels.splats.export import export_scene
 from ..kernels.splats.fit import FitSettings, fit_dynamic_gaussians, fit_size
 from ..kernels.splats.losses import load_lpips
-from ..kernels.splats.model import MotionConfig, Splats4D
+from ..kernels.errors import InvalidInput
+from ..kernels.files import files_under
+from ..kernels.splats.model import MotionConfig, Splats4D, frames_at_times
 from ..kernels.splats.splatv import read_splatv
 from ..kernels.splats.storage import SUFFIX, load_splats4d
 from ..kernels.splats.views import grid_request, render_images, turntable
 from ..integration import host
-from ..integration.node_errors import input_error, kernel_errors_as_node_errors
+from ..integration.node_errors import check_numbers, input_error, kernel_errors_as_node_errors, output_error
 from .types import Cameras, MultiviewVideoSocket, Splats4DSocket
 
 FIT = "MV4D Fit 4D Gaussians"
@@ -34,27 +37,52 @@ CORE_SPLAT = getattr(io, "Splat", None)  # ComfyUI 0.29+: core gaussian-splat ty
 def splat_outputs() -> list:
     if CORE_SPLAT is None:
         return []
-    return [CORE_SPLAT.Output("splat_frames", tooltip="The scene at each frame time as a core SPLAT batch (core splat nodes).")]
+    return [CORE_SPLAT.Output("splat_frames", tooltip="The scene at each frame time as a core SPLAT batch (core splat nodes). "
+                                                      "Built when a node first reads it.")]
 
 
-def core_splat_frames(scene: Splats4D):
-    """(frames, N, ...) core SPLAT batch: the dynamic Gaussians evaluated at each frame time."""
+SPLAT_FRAMES_FIX = ("connect MV4D Render 4D or MV4D Save 4D instead, which work one frame at a time, or fit the scene "
+                    "to fewer frames")
+
+
+@functools.cache
+def lazy_splat_frames_class():
     from comfy_api.latest import Types
 
-    g = scene.gaussians.to("cpu")
-    with torch.no_grad():
-        times = scene.frame_times
-        frames = len(times)
-        return Types.SPLAT(  # scales and colours do not change over time: expanded views, not copies
-            g.positions(times), g.params["scales"].exp().expand(frames, -1, -1), g.rotations(times),
-            g.opacities(times)[..., None], g.sh().expand(frames, -1, -1, -1),
-        )
+    class LazySplatFrames(Types.SPLAT):
+        """The scene at each of its frame times as a core SPLAT batch, built when a node first reads one of its
+        fields: a ComfyUI node computes every output whether or not it is connected, and a file with thousands
+        of frame times would otherwise cost gigabytes on loading. Building checks free memory first."""
+
+        def __init__(self, *fields, scene: Splats4D | None = None, node: str = "", **named):
+            self.scene, self.node, self._fields = scene, node, None
+            if scene is None:  # made as a plain SPLAT from tensors, as type(splat)(positions, ...) does
+                super().__init__(*fields, **named)
+            else:
+                self.counts = None
+
+        def _field(self, name: str) -> torch.Tensor:
+            if name not in (self._fields or {}):
+                try:
+                    built = frames_at_times(self.scene.gaussians, self.scene.frame_times, SPLAT_FRAMES_FIX)
+                except InvalidInput as error:
+                    raise output_error(self.node, "splat_frames", error.problem, error.fix) from error
+                self._fields = {**built, **(self._fields or {})}  # a field set before it was read stays as set
+            return self._fields[name]
+
+        def _set(self, name: str, value: torch.Tensor) -> None:
+            self._fields = {**(self._fields or {}), name: value}
+
+    for name in ("positions", "scales", "rotations", "opacities", "sh"):
+        setattr(LazySplatFrames, name, property(lambda self, name=name: self._field(name),
+                                                lambda self, value, name=name: self._set(name, value)))
+    return LazySplatFrames
 
 
-def with_splats(scene: Splats4D, *extra) -> io.NodeOutput:
-    outputs = [scene, *extra]
+def with_splats(node: str, scene: Splats4D) -> list:
+    outputs = [scene]
     if CORE_SPLAT is not None:
-        outputs.append(core_splat_frames(scene))
+        outputs.append(lazy_splat_frames_class()(scene=scene, node=node))
     return outputs
 
 
@@ -109,6 +137,7 @@ class Fit4DGaussians(io.ComfyNode):
     def execute(cls, multiview_video, iterations, resolution, views_per_step, initial_gaussians, max_gaussians, densify,
                 densify_until, grow_threshold, position_degree, fourier_terms, rotation_degree, temporal_opacity, sh_degree,
                 loss, lpips_weight, background, fit_seed) -> io.NodeOutput:
+        check_numbers(FIT, locals())
         lpips = None
         if lpips_weight > 0:
             files = lpips_weights()
@@ -117,7 +146,8 @@ class Fit4DGaussians(io.ComfyNode):
                                   "put torchvision's vgg16-397923af.pth and LPIPS' v0.1 vgg.pth into ComfyUI/models/lpips, or set lpips_weight to 0")
             with kernel_errors_as_node_errors(FIT, {"lpips": "lpips_weight"}):
                 lpips = load_lpips(*files)
-        with kernel_errors_as_node_errors(FIT, {"images": "multiview_video", "cameras": "multiview_video"}):
+        with kernel_errors_as_node_errors(FIT, {"images": "multiview_video", "cameras": "multiview_video", "densify_stop": "densify_until",
+                                                "gaussians": "initial_gaussians/max_gaussians/resolution"}):
             settings = FitSettings(
                 iterations=iterations, resolution=resolution, views_per_step=views_per_step,
                 initial_gaussians=initial_gaussians, max_gaussians=max(max_gaussians, initial_gaussians), densify=densify,
@@ -131,7 +161,7 @@ class Fit4DGaussians(io.ComfyNode):
             result = fit_dynamic_gaussians(multiview_video, settings, device, host.progress(every=10), lpips)
         gaussians = result.gaussians.to("cpu")  # cached outputs stay in RAM, not VRAM
         scene = Splats4D(gaussians, multiview_video.times.clone(), multiview_video.cameras)
-        return io.NodeOutput(*with_splats(scene))
+        return io.NodeOutput(*with_splats(FIT, scene))
 
 
 class Render4D(io.ComfyNode):
@@ -166,7 +196,8 @@ class Render4D(io.ComfyNode):
 
     @classmethod
     def execute(cls, splats_4d, mode, frames, width, height, elevation, radius, fov, turns, background, fps, cameras=None) -> io.NodeOutput:
-        with kernel_errors_as_node_errors(RENDER):
+        check_numbers(RENDER, locals())
+        with kernel_errors_as_node_errors(RENDER, {"images": "frames/width/height"}):
             if mode == "turntable":
                 rig, times = turntable(splats_4d, frames or len(splats_4d.frame_times), elevation, radius, fov, height, width, turns)
             else:
@@ -192,7 +223,7 @@ class Save4D(io.ComfyNode):
             description=(
                 "Saves 4D Gaussians under ComfyUI's output folder: the lossless .mv4d.safetensors (MV4D Load 4D), a "
                 ".splatv for 4D web players (splaTV), one INRIA .ply per frame, and optionally a static .ply of one time. "
-                "Each file is written whole or not at all."
+                "The files appear together once all are written, or none of them (an error or Cancel leaves nothing behind)."
             ),
             is_output_node=True,
             inputs=[
@@ -207,7 +238,17 @@ class Save4D(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix):  # only the prefix: checked before the prompt runs, not when it saves
+        try:
+            with kernel_errors_as_node_errors(SAVE):
+                host.check_prefix(filename_prefix)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, splats_4d, filename_prefix, splatv, ply_sequence, static_ply, static_time) -> io.NodeOutput:
+        check_numbers(SAVE, locals())
         with kernel_errors_as_node_errors(SAVE):
             base = host.output_base(filename_prefix)
             saved = export_scene(splats_4d, base, splatv, ply_sequence, static_time if static_ply else None, host.progress())
@@ -223,15 +264,17 @@ LOAD_ROOTS = {"output": folder_paths.get_output_directory, "input": folder_paths
 
 def loadable_files() -> list[str]:
     """Our 4D files (.mv4d.safetensors, .splatv) anywhere under the output and input folders, as 'path [folder]'."""
-    return sorted(f"{relative} [{kind}]" for kind, root in LOAD_ROOTS.items() for relative in host.files_under(root(), (SUFFIX, ".splatv")))
+    return sorted(f"{relative} [{kind}]" for kind, root in LOAD_ROOTS.items() for relative in files_under(root(), (SUFFIX, ".splatv")))
 
 
 def resolve_loadable(choice: str) -> Path:
+    if not isinstance(choice, str) or not choice:
+        return host.existing_file("", choice, LOAD, "file", "the output or input folder", "a .mv4d.safetensors or .splatv file")
     name, _, kind = choice.rpartition(" [")
     kind = kind.rstrip("]")
     if kind not in LOAD_ROOTS:
         raise input_error(LOAD, "file", f"{choice!r} is not a listed file", "pick a file from the list (refresh with R)")
-    return host.existing_file(LOAD_ROOTS[kind](), name, LOAD, "file", f"the {kind} folder")
+    return host.existing_file(LOAD_ROOTS[kind](), name, LOAD, "file", f"the {kind} folder", "a .mv4d.safetensors or .splatv file")
 
 
 class Load4D(io.ComfyNode):
@@ -271,4 +314,4 @@ class Load4D(io.ComfyNode):
             else:
                 gaussians, _ = read_splatv(path)
                 scene = Splats4D(gaussians, torch.linspace(0, 1, 25), None)
-        return io.NodeOutput(*with_splats(scene))
+        return io.NodeOutput(*with_splats(LOAD, scene))

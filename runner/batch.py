@@ -17,7 +17,8 @@ from pathlib import Path, PurePosixPath
 
 import aiohttp
 
-from .client import ComfyClient, PromptRejected, ServerError, ServerUnreachable
+from .answers import HistoryEntry, OutputFile, ServerError, output_files
+from .client import PARTIAL_SUFFIX, ComfyClient, PromptRejected, ServerUnreachable
 from .errors import RunnerError
 from .events import EventStream, PromptEvents
 from .inputs import TAKES_MULTIVIEW, InputItem
@@ -33,6 +34,7 @@ POLL_WITH_WEBSOCKET_S = 10.0  # a safety net: the websocket normally says when t
 POLL_AFTER_END_S = 0.2  # the history entry is written just after the last event
 QUEUE_CHECK_INTERVAL_S = 10.0  # how often a prompt still without history is looked for in /queue
 WITHDRAW_TIMEOUT_S = 15.0  # when stopping, a server that does not answer is not waited for longer
+LAST_LOOK_S = 5.0  # past an item's deadline, /history may still take this long to say the prompt finished
 
 
 class ItemFailed(Exception):
@@ -47,7 +49,7 @@ class WorkflowRejected(RunnerError):
 @dataclass
 class Batch:
     workflow: dict          # overrides applied
-    input_node: InputNode
+    input_node: InputNode | None  # None: a workflow without inputs, run once
     inputs: dict[str, InputItem]  # by manifest "input"
     manifest: Manifest
     reporter: Reporter
@@ -67,43 +69,38 @@ def content_tag(files: list[Path]) -> str:
     return digest.hexdigest()[:8]
 
 
-def output_files(outputs: dict) -> list[tuple[str, dict]]:
-    """Every file a prompt's outputs name, as (node id, {filename, subfolder, type}): any dict with a filename,
-    under any key (images, gifs, animated, 3d, our 4D files, ...)."""
-    found, seen = [], set()
-
-    def walk(node_id: str, value) -> None:
-        if isinstance(value, dict):
-            if isinstance(value.get("filename"), str):
-                key = (value.get("type", "output"), value.get("subfolder", ""), value["filename"])
-                if key not in seen:
-                    seen.add(key)
-                    found.append((node_id, value))
-            else:
-                for inner in value.values():
-                    walk(node_id, inner)
-        elif isinstance(value, list):
-            for inner in value:
-                walk(node_id, inner)
-
-    for node_id, output in outputs.items():
-        walk(node_id, output)
-    return found
+# /view's reading of a file name (ComfyUI's server.py and folder_paths.annotated_filepath): a trailing " [output]",
+# " [input]" or " [temp]" picks the folder, and only the name's last part counts.
+_ANNOTATIONS = (("[output]", "output", 9), ("[input]", "input", 8), ("[temp]", "temp", 7))
 
 
-def local_path(item_name: str, file: dict) -> PurePosixPath:
-    """<item>/<subfolder>/<filename>, refusing names that would leave the item's folder."""
-    subfolder = PurePosixPath(str(file.get("subfolder") or "").replace("\\", "/"))
-    filename = PurePosixPath(file["filename"].replace("\\", "/")).name
-    if subfolder.is_absolute() or ".." in subfolder.parts or not filename or filename in (".", ".."):
-        raise ItemFailed(f"the server named an output outside its folders: {file!r}")
-    return PurePosixPath(item_name) / subfolder / filename
+def served_file(file: OutputFile) -> tuple[str, list[str], str]:
+    """(type, subfolder parts, name) of the file GET /view serves for this output."""
+    name, kind = file.filename, file.type
+    for suffix, annotated, cut in _ANNOTATIONS:
+        if name.endswith(suffix):
+            name, kind = name[:-cut], annotated
+            break
+    return kind, file.subfolder.replace("\\", "/").split("/"), name.replace("\\", "/").rsplit("/", 1)[-1]
 
 
-def execution_failure(entry: dict, workflow: dict) -> str | None:
+def local_path(item_name: str, file: OutputFile) -> PurePosixPath:
+    """<item>/<type>/<subfolder>/<name> of the file /view serves: ComfyUI's folders (output/, temp/, input/)
+    mirrored, so two outputs share a local file only when they are one file on the server. A part that would
+    leave the item's folder, or that no file system takes, fails the item."""
+    kind, subfolder, name = served_file(file)
+    parts = [kind, *(part for part in subfolder if part not in ("", ".")), name]
+    bad = any(part in ("", ".", "..") or any(ord(character) < 32 for character in part) or (len(part) == 2 and part[1] == ":")
+              for part in parts)
+    if bad:
+        raise ItemFailed(f"the server named an output that cannot be saved in the item's folder: "
+                         f"{file.type}/{file.subfolder}/{file.filename}"[:300])
+    return PurePosixPath(item_name, *parts)
+
+
+def execution_failure(entry: HistoryEntry, workflow: dict) -> str | None:
     """Why a finished prompt failed, from its history entry; None when it succeeded."""
-    status = entry.get("status") or {}
-    for kind, data in status.get("messages", []):
+    for kind, data in entry.messages:
         node_id = str(data.get("node_id"))
         where = describe(node_id, workflow[node_id]) if node_id in workflow else f"node {node_id} ({data.get('node_type')})"
         if kind == "execution_error":
@@ -111,17 +108,38 @@ def execution_failure(entry: dict, workflow: dict) -> str | None:
             return f"{where}: {data.get('exception_type', 'error')}: {message}"
         if kind == "execution_interrupted":
             return f"interrupted on the server at {where} (by another client or the server)"
-    if status.get("status_str") == "error":
+    if entry.status_str == "error":
         return "the server reported an error without details"
     return None
 
 
-def server_run_seconds(entry: dict) -> float | None:
+def server_run_seconds(entry: HistoryEntry) -> float | None:
     """The server's own run time (execution start to end), from its history messages' timestamps."""
-    stamps = {kind: data.get("timestamp") for kind, data in (entry.get("status") or {}).get("messages", [])}
+    stamps = {kind: data.get("timestamp") for kind, data in entry.messages}
     start = stamps.get("execution_start")
     end = stamps.get("execution_success") or stamps.get("execution_error") or stamps.get("execution_interrupted")
+    if not all(isinstance(stamp, (int, float)) and not isinstance(stamp, bool) for stamp in (start, end)):
+        return None
     return (end - start) / 1000 if start and end else None
+
+
+def remove_partial_downloads(folder: Path) -> None:
+    """Downloads a killed runner left half-written (our '.<name>.<random>.part' files) in an item's folder."""
+    if folder.is_dir():
+        for partial in folder.rglob(f".*{PARTIAL_SUFFIX}"):
+            if partial.is_file():
+                partial.unlink(missing_ok=True)
+
+
+async def within(deadline: float | None, timeout: float | None, what: str, awaitable, at_least: float = 0.0):
+    """Await `awaitable`, failing the item when the item's deadline (--timeout) passes first (or `at_least`
+    seconds from now, when that is later: a last look at a prompt's state is allowed that long)."""
+    if deadline is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, max(at_least, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise ItemFailed(f"timed out after {timeout:g} s {what}") from None
 
 
 class ServerWorker:
@@ -172,6 +190,12 @@ class ServerWorker:
             entry.update(status=ERROR, error=str(error) or type(error).__name__, files=[])
             self.save()
             reporter.error(f"{name}: {entry['error']}")
+        except RunnerError:
+            raise  # the server is gone (ServerUnreachable): the worker puts the item back for another server
+        except Exception as error:  # noqa: BLE001 - a bug of ours must fail one item, not the batch
+            entry.update(status=ERROR, error=f"internal error of mv4d-batch ({type(error).__name__}: {error}); please report it", files=[])
+            self.save()
+            reporter.error(f"{name}: {entry['error']}")
         finally:
             self.prompt_id = None
 
@@ -205,16 +229,22 @@ class ServerWorker:
         entry["server"] = client.url
         self.save()
 
-        subfolder = f"{UPLOAD_FOLDER}/{content_tag(item.files)}"
-        uploaded = [await client.upload(file, subfolder) for file in item.files]
-        if batch.input_node.takes == TAKES_MULTIVIEW:
-            value = uploaded[0]["subfolder"]
-        else:
-            value = f"{uploaded[0]['subfolder']}/{uploaded[0]['name']}" if uploaded[0]["subfolder"] else uploaded[0]["name"]
+        item_folder = batch.manifest.path.parent / entry["name"]
+        remove_partial_downloads(item_folder)
+        workflow = batch.workflow
+        if batch.input_node is not None:
+            subfolder = f"{UPLOAD_FOLDER}/{content_tag(item.files)}"
+            uploaded = [await within(deadline, batch.item_timeout, f"uploading {file.name}", client.upload(file, subfolder))
+                        for file in item.files]
+            if batch.input_node.takes == TAKES_MULTIVIEW:
+                value = uploaded[0].subfolder
+            else:
+                value = f"{uploaded[0].subfolder}/{uploaded[0].name}" if uploaded[0].subfolder else uploaded[0].name
+            workflow = set_input(batch.workflow, batch.input_node, value)
         uploaded_at = time.monotonic()
 
         try:
-            prompt_id = await client.queue_prompt(set_input(batch.workflow, batch.input_node, value), self.events.client_id)
+            prompt_id = await within(deadline, batch.item_timeout, "queueing the prompt", client.queue_prompt(workflow, self.events.client_id))
         except PromptRejected as rejected:
             lines = format_prompt_errors(rejected.answer, batch.workflow)
             if not batch.any_prompt_accepted:
@@ -233,12 +263,19 @@ class ServerWorker:
         if failure:
             raise ItemFailed(failure)
 
-        files = []
-        for node_id, file in output_files(history.get("outputs") or {}):
+        files, fetched = [], {}  # local path (case-folded, as some file systems compare) -> (path, size, sha256)
+        for file in output_files(history.outputs, f"the outputs of prompt {prompt_id} on {client.url}"):
             relative = local_path(entry["name"], file)
-            size, sha256 = await client.download(file, batch.manifest.path.parent / relative)
-            files.append({"path": relative.as_posix(), "filename": file["filename"], "subfolder": file.get("subfolder", ""),
-                          "type": file.get("type", "output"), "node_id": node_id, "bytes": size, "sha256": sha256})
+            key = relative.as_posix().casefold()
+            if key in fetched and fetched[key][0] != relative:
+                raise ItemFailed(f"two outputs would be saved as {relative.as_posix()} (their names differ only in case)")
+            if key not in fetched:  # two outputs naming one server file (see served_file) share its download
+                size, sha256 = await within(deadline, batch.item_timeout, f"downloading {file.filename}",
+                                            client.download(file, batch.manifest.path.parent / relative))
+                fetched[key] = (relative, size, sha256)
+            _, size, sha256 = fetched[key]
+            files.append({"path": relative.as_posix(), "filename": file.filename, "subfolder": file.subfolder,
+                          "type": file.type, "node_id": file.node_id, "bytes": size, "sha256": sha256})
         done_at = time.monotonic()
 
         waited = finished_at - queued_at
@@ -254,23 +291,33 @@ class ServerWorker:
         self.save()
         batch.reporter.item(entry["name"], client.label, f"done in {done_at - started:.1f} s, {len(files)} file(s)")
 
-    async def wait_until_finished(self, item: str, prompt_id: str, deadline: float | None) -> dict:
+    async def wait_until_finished(self, item: str, prompt_id: str, deadline: float | None) -> HistoryEntry:
         """The prompt's history entry once it exists (the server writes it when the prompt ends). Websocket
         events say when to look; without them, /history is polled every second."""
         events = PromptEvents(item, self.client.label, self.batch.workflow, self.batch.reporter)
         self.events.watched[prompt_id] = events
         last_queue_check = time.monotonic()
+        timeout = self.batch.item_timeout
         try:
             while True:
-                entry = await self.client.history(prompt_id)
-                if entry is not None:
-                    return entry
-                if deadline is not None and time.monotonic() > deadline:
-                    what = await self.withdraw(prompt_id)
-                    raise ItemFailed(f"timed out after {self.batch.item_timeout:g} s (prompt {prompt_id} {what})")
-                if time.monotonic() - last_queue_check > QUEUE_CHECK_INTERVAL_S:
-                    last_queue_check = time.monotonic()
-                    await self.check_still_there(prompt_id)
+                try:
+                    entry = await within(deadline, timeout, f"asking /history about prompt {prompt_id}", self.client.history(prompt_id),
+                                         at_least=LAST_LOOK_S)
+                    if entry is not None:
+                        return entry
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise ItemFailed(f"timed out after {timeout:g} s")
+                    if time.monotonic() - last_queue_check > QUEUE_CHECK_INTERVAL_S:
+                        last_queue_check = time.monotonic()
+                        await within(deadline, timeout, "asking /queue", self.check_still_there(prompt_id))
+                except ItemFailed as failed:
+                    if deadline is None or time.monotonic() <= deadline:
+                        raise
+                    try:
+                        what = await asyncio.wait_for(self.withdraw(prompt_id), WITHDRAW_TIMEOUT_S)
+                    except (RunnerError, ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
+                        what = f"not taken off the server: {error or type(error).__name__}"
+                    raise ItemFailed(f"{failed} (prompt {prompt_id} {what})") from None
                 if events.ended:
                     await asyncio.sleep(POLL_AFTER_END_S)
                     continue
@@ -294,7 +341,7 @@ class ServerWorker:
             raise ItemFailed(f"prompt {prompt_id} is gone from {self.client.url} (deleted by another client, or the server restarted)")
 
 
-async def preflight(clients: list[ComfyClient], workflow: dict, input_node: InputNode) -> None:
+async def preflight(clients: list[ComfyClient], workflow: dict, input_node: InputNode | None) -> None:
     """Every server answers and has every node type and option the workflow uses; else one error naming all
     problems, before anything is uploaded or queued."""
     answers = await asyncio.gather(*(client.object_info() for client in clients), return_exceptions=True)

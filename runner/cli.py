@@ -12,11 +12,11 @@ from pathlib import Path
 
 from .batch import EXIT_CANCELLED, Batch, mark_finished, run_batch, summary
 from .errors import RunnerError
-from .inputs import discover_inputs, read_list_file
+from .inputs import InputItem, discover_inputs, read_list_file
 from .local_server import LocalComfyUI
 from .manifest import ERROR, MANIFEST_NAME, PENDING, Manifest, reset_entry
 from .progress import Reporter
-from .workflow import apply_overrides, find_input_node, load_workflow, parse_override, workflow_sha256
+from .workflow import apply_overrides, describe, find_input_node, load_workflow, parse_override, workflow_sha256
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 SHORTHANDS = ("seed", "steps", "size")
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--comfyui-python", metavar="PYTHON", default=sys.executable,
                         help="the Python that runs ComfyUI (default: this one)")
     parser.add_argument("--comfyui-args", metavar="ARGS", default="",
-                        help="more arguments for ComfyUI's main.py with --start-server, e.g. \"--cpu\"")
+                        help="more arguments for ComfyUI's main.py with --start-server, one string, e.g. \"--cpu\" "
+                             "(needed on a machine without a CUDA GPU)")
     parser.add_argument("--start-timeout", metavar="S", type=float, default=300,
                         help="how long the started ComfyUI may take to answer (default 300)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only errors")
@@ -104,13 +105,17 @@ async def run(args: argparse.Namespace, reporter: Reporter) -> int:
     workflow_path = Path(args.workflow).expanduser().resolve()
     workflow = load_workflow(workflow_path)
     overrides = collect_overrides(args)
-    input_node = find_input_node(workflow, args.input_node)
+    paths = list(args.inputs) + (read_list_file(Path(args.list).expanduser().resolve()) if args.list else [])
+    input_node = find_input_node(workflow, args.input_node, have_inputs=bool(paths))
     prepared = apply_overrides(workflow, overrides)
 
-    paths = list(args.inputs) + (read_list_file(Path(args.list).expanduser().resolve()) if args.list else [])
-    if not paths:
-        raise RunnerError("no inputs: give files or folders after the workflow, or --list FILE")
-    inputs = discover_inputs(paths, input_node.takes)
+    if input_node is None:  # a workflow without inputs (e.g. 4d_gaussians_example): one item, the workflow itself
+        inputs = [InputItem(workflow_path)]
+    elif not paths:
+        raise RunnerError(f"no inputs: give files or folders after the workflow, or --list FILE (it feeds "
+                          f"{describe(input_node.node_id, workflow[input_node.node_id])})")
+    else:
+        inputs = discover_inputs(paths, input_node.takes)
     manifest = Manifest.open(Path(args.output).expanduser().resolve(), workflow_path, workflow_sha256(workflow), overrides, args.restart)
     entries = manifest.entries_for(inputs)
     to_run, unreadable, skipped = [], 0, 0
@@ -177,10 +182,27 @@ async def run_with_signals(batch: Batch, entries: list[dict], server_urls: list[
             loop.remove_signal_handler(number)
 
 
+VALUE_OPTIONS_STARTING_WITH_DASH = ("--comfyui-args",)
+
+
+def join_dash_values(argv: list[str]) -> list[str]:
+    """`--comfyui-args "--cpu"` as `--comfyui-args=--cpu`: argparse reads a value that starts with '-' as an
+    option of its own ("expected one argument") unless it is joined with '='."""
+    joined, index = [], 0
+    while index < len(argv):
+        if argv[index] in VALUE_OPTIONS_STARTING_WITH_DASH and index + 1 < len(argv):
+            joined.append(f"{argv[index]}={argv[index + 1]}")
+            index += 2
+        else:
+            joined.append(argv[index])
+            index += 1
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:  # --help, or a usage error argparse has printed
         return int(exit_.code or 0)
     reporter = Reporter(args.quiet)

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from .answers import (HistoryEntry, OutputFile, ServerError, Uploaded, history_answer, object_info_answer, prompt_answer,
+                      queue_answer, upload_answer)
 from .errors import RunnerError
 
 # Per HTTP request: connecting must be quick; an answer may take long (a big /object_info, a large download),
@@ -18,14 +20,11 @@ from .errors import RunnerError
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=300)
 WEBSOCKET_HEARTBEAT_S = 30
 DOWNLOAD_CHUNK = 1 << 20
+PARTIAL_SUFFIX = ".part"  # a download (or manifest) being written: '.<name>.<random>.part' beside its final name
 
 
 class ServerUnreachable(RunnerError):
     """No connection to the server (down, wrong address, or it stopped answering)."""
-
-
-class ServerError(Exception):
-    """The server answered, but not as its API does (an HTTP error status or a malformed answer)."""
 
 
 class PromptRejected(Exception):
@@ -73,11 +72,11 @@ class ComfyClient:
         return await self.request_json("GET", "/system_stats")
 
     async def object_info(self) -> dict:
-        return await self.request_json("GET", "/object_info")
+        return object_info_answer(await self.request_json("GET", "/object_info"), f"GET /object_info on {self.url}")
 
-    async def upload(self, path: Path, subfolder: str) -> dict:
+    async def upload(self, path: Path, subfolder: str) -> Uploaded:
         """Upload a file into ComfyUI's input folder (/upload/image takes any file: images, videos); an
-        existing file of that name is replaced. Returns the server's {name, subfolder, type}."""
+        existing file of that name is replaced. Returns where the server put it."""
         with open(path, "rb") as file:
             form = aiohttp.FormData()
             form.add_field("image", file, filename=path.name, content_type="application/octet-stream")
@@ -85,9 +84,7 @@ class ComfyClient:
             form.add_field("type", "input")
             form.add_field("overwrite", "true")
             answer = await self.request_json("POST", "/upload/image", data=form)
-        if not isinstance(answer, dict) or "name" not in answer:
-            raise ServerError(f"upload of {path.name} to {self.url}: unexpected answer {answer!r}")
-        return answer
+        return upload_answer(answer, f"upload of {path.name} to {self.url}")
 
     async def queue_prompt(self, prompt: dict, client_id: str) -> str:
         """Queue the workflow; its progress goes to the websocket of `client_id`. Returns the prompt id."""
@@ -103,20 +100,18 @@ class ComfyClient:
             answer = None
         if response.status == 400 and isinstance(answer, dict):
             raise PromptRejected(answer)
-        if response.status != 200 or not isinstance(answer, dict) or "prompt_id" not in answer:
+        if response.status != 200:
             raise ServerError(f"POST /prompt on {self.url} answered HTTP {response.status}: {body[:300].decode(errors='replace')}")
-        return answer["prompt_id"]
+        return prompt_answer(answer, f"POST /prompt on {self.url}")
 
-    async def history(self, prompt_id: str) -> dict | None:
+    async def history(self, prompt_id: str) -> HistoryEntry | None:
         """The prompt's history entry, which exists once it has finished (successfully or not)."""
         answer = await self.request_json("GET", f"/history/{prompt_id}")
-        return (answer or {}).get(prompt_id)
+        return history_answer(answer, prompt_id, f"GET /history/{prompt_id} on {self.url}")
 
     async def queue(self) -> tuple[list[str], list[str]]:
         """Ids of the running and of the pending prompts (every client's)."""
-        answer = await self.request_json("GET", "/queue")
-        return ([entry[1] for entry in answer.get("queue_running", [])],
-                [entry[1] for entry in answer.get("queue_pending", [])])
+        return queue_answer(await self.request_json("GET", "/queue"), f"GET /queue on {self.url}")
 
     async def delete_queued(self, prompt_ids: list[str]) -> None:
         await self.request_json("POST", "/queue", json={"delete": prompt_ids})
@@ -126,19 +121,19 @@ class ComfyClient:
         whatever runs: call this only after checking that `prompt_id` is the running one."""
         await self.request_json("POST", "/interrupt", json={"prompt_id": prompt_id})
 
-    async def download(self, file: dict, destination: Path) -> tuple[int, str]:
-        """Fetch one output ({filename, subfolder, type}) through /view into `destination`, whole or not at all
-        (a temporary file renamed into place). Returns its size and sha256."""
-        params = {"filename": file["filename"], "subfolder": file.get("subfolder", ""), "type": file.get("type", "output")}
+    async def download(self, file: OutputFile, destination: Path) -> tuple[int, str]:
+        """Fetch one output through /view into `destination`, whole or not at all (a temporary file named
+        `.<name>.<random>.part`, renamed into place). Returns its size and sha256."""
+        params = {"filename": file.filename, "subfolder": file.subfolder, "type": file.type}
         destination.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
+        handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=PARTIAL_SUFFIX, dir=destination.parent)
         digest, size = hashlib.sha256(), 0
         try:
             with os.fdopen(handle, "wb") as out:
                 try:
                     async with self.session.get(self.url + "/view", params=params, timeout=REQUEST_TIMEOUT) as response:
                         if response.status != 200:
-                            raise ServerError(f"GET /view of {file['filename']} on {self.url} answered HTTP {response.status}")
+                            raise ServerError(f"GET /view of {file.filename} on {self.url} answered HTTP {response.status}")
                         async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK):
                             out.write(chunk)
                             digest.update(chunk)

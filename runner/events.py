@@ -34,7 +34,7 @@ class PromptEvents:
     def handle(self, kind: str, data: dict) -> None:
         if kind == "execution_start":
             self.reporter.item(self.item, self.server, "started")
-        elif kind == "execution_cached" and data.get("nodes"):
+        elif kind == "execution_cached" and isinstance(data.get("nodes"), list) and data["nodes"]:
             self.reporter.item(self.item, self.server, f"{len(data['nodes'])} node(s) cached")
         elif kind == "executing":
             if data.get("node") is None:  # the executor's "nothing more to run" for this prompt
@@ -84,5 +84,6 @@ class EventStream:
         except ValueError:
             return
         data = event.get("data") if isinstance(event, dict) else None
-        if isinstance(data, dict) and data.get("prompt_id") in self.watched:
+        # events of another shape than ComfyUI's are not ours to read: ignored, as unknown kinds are
+        if isinstance(data, dict) and isinstance(data.get("prompt_id"), str) and data["prompt_id"] in self.watched:
             self.watched[data["prompt_id"]].handle(event.get("type"), data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,10 @@ from .errors import RunnerError
 
 STOP_GRACE_S = 30
 LOG_TAIL_LINES = 30
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")  # ANSI colours and cursor moves in ComfyUI's log
+# What a ComfyUI without --cpu prints on a machine without a usable CUDA GPU (torch's and the driver's words)
+NO_GPU_SIGNS = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "no CUDA GPUs are available",
+                "CUDA driver version is insufficient")
 
 
 def free_port() -> int:
@@ -38,12 +43,20 @@ class LocalComfyUI:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def log_tail(self) -> str:
+    def log_text(self) -> str:
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            return TERMINAL_CODES.sub("", self.log_path.read_text(errors="replace"))
         except OSError:
-            return "(no log)"
-        return "\n".join(lines[-LOG_TAIL_LINES:]) or "(empty log)"
+            return ""
+
+    def log_tail(self) -> str:
+        """The end of ComfyUI's log as plain text, and what to do when it says there is no GPU."""
+        text = self.log_text()
+        tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:]) or "(no log)"
+        if "--cpu" not in self.extra_args and any(sign in text for sign in NO_GPU_SIGNS):
+            tail += ("\nComfyUI found no usable CUDA GPU. On a machine without one, start it on the CPU: add "
+                     "--comfyui-args=--cpu (or --comfyui-args \"--cpu\")")
+        return tail
 
     async def start(self, timeout: float) -> None:
         """Start ComfyUI and wait until GET /system_stats answers."""

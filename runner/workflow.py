@@ -94,7 +94,9 @@ def describe(node_id: str, node: dict) -> str:
     return f"node {node_id} ({node['class_type']})" if title == node["class_type"] else f"node {node_id} '{title}' ({node['class_type']})"
 
 
-def find_input_node(workflow: dict, node_id: str | None = None) -> InputNode:
+def find_input_node(workflow: dict, node_id: str | None = None, have_inputs: bool = True) -> InputNode | None:
+    """The node the batch's inputs are fed into; None for a workflow without one when no inputs are given (it
+    runs once, as it is)."""
     kinds = ", ".join(INPUT_NODE_TYPES)
     if node_id is not None:
         if node_id not in workflow:
@@ -106,7 +108,10 @@ def find_input_node(workflow: dict, node_id: str | None = None) -> InputNode:
     else:
         candidates = [key for key, node in workflow.items() if node["class_type"] in INPUT_NODE_TYPES]
     if not candidates:
-        raise RunnerError(f"the workflow has no input node to feed the inputs into (one of {kinds})")
+        if not have_inputs:
+            return None
+        raise RunnerError(f"the workflow has no input node to feed the inputs into (one of {kinds}); to run a workflow "
+                          "without inputs once, give no inputs")
     if len(candidates) > 1:
         listed = ", ".join(describe(key, workflow[key]) for key in candidates)
         raise RunnerError(f"the workflow has several input nodes: {listed}; pick one with --input-node ID")
@@ -192,7 +197,8 @@ def combo_options(spec) -> list | None:
     if isinstance(spec[0], list):
         return spec[0]
     if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict) and not spec[1].get("remote"):
-        return spec[1].get("options")
+        options = spec[1].get("options")
+        return options if isinstance(options, list) else None
     return None
 
 
@@ -211,7 +217,7 @@ def listed(values: list) -> str:
     return shown + (f" ... ({len(values)} in all)" if len(values) > MAX_LISTED else "") if values else "none"
 
 
-def check_against_object_info(workflow: dict, object_info: dict, input_node: InputNode) -> list[str]:
+def check_against_object_info(workflow: dict, object_info: dict, input_node: InputNode | None) -> list[str]:
     """What the server would refuse, as one line each: node types it does not have, and literal values of
     COMBO inputs (model files above all) that are not among its options. The input node's own input is left
     out: it names the file uploaded for each item."""
@@ -228,7 +234,7 @@ def check_against_object_info(workflow: dict, object_info: dict, input_node: Inp
         info = object_info[node["class_type"]].get("input") or {}
         specs = {**info.get("optional", {}), **info.get("required", {})}
         for input_name, value in node["inputs"].items():
-            if is_link(value) or (node_id, input_name) == (input_node.node_id, input_node.input_name):
+            if is_link(value) or (input_node and (node_id, input_name) == (input_node.node_id, input_node.input_name)):
                 continue
             options = combo_options(specs.get(input_name))
             if options is None:

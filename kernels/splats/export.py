@@ -1,10 +1,11 @@
-"""Everything MV4D Save 4D writes for one scene, each file written atomically:
+"""Everything MV4D Save 4D writes for one scene, as one set that appears whole or not at all:
 
 - <base>.mv4d.safetensors   the lossless scene (MV4D Load 4D reads it back exactly);
 - <base>.splatv             for 4D web players (splaTV);
 - <base>_frames/frame_NNNN.ply   one INRIA .ply per frame time, the universal fallback;
 - <base>_tT.TTT.ply         optionally, a static .ply of one time.
-Gaussians fainter than 1/255 at a time are left out of that time's .ply.
+Gaussians fainter than 1/255 at a time are left out of that time's .ply (a time where none is visible gets a
+.ply with no vertex).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 
 from ..errors import InvalidInput
-from ..files import atomic_folder
+from ..files import atomic_file_set
 from .model import GaussianFrame, Splats4D
 from .ply import write_ply
 from .splatv import write_splatv
@@ -39,7 +40,8 @@ def visible(frame: GaussianFrame, threshold: float = VISIBLE_OPACITY) -> Gaussia
 def export_scene(scene: Splats4D, base: Path, splatv: bool = True, ply_sequence: bool = True,
                  static_time: float | None = None, on_file: Callable[[int, int], None] | None = None) -> SavedFiles:
     """Write the scene next to `base` (a path without suffix). on_file(done, total) is called after each file
-    (progress and interrupt checks); an interrupt leaves every finished file whole and no partial one."""
+    (progress and interrupt checks). The files appear together once all are written: an error or an interrupt
+    while writing any of them leaves none behind."""
     if static_time is not None and not 0 <= static_time <= 1:
         raise InvalidInput("static_time", f"must lie in [0, 1], got {static_time}", "pick a time of the clip, 0 = first frame")
     base = Path(base)
@@ -54,25 +56,23 @@ def export_scene(scene: Splats4D, base: Path, splatv: bool = True, ply_sequence:
         if on_file is not None:
             on_file(done, total)
 
-    path = base.with_name(base.name + SUFFIX)
-    save_splats4d(path, scene)
-    saved.paths.append(path)
-    tick()
-    if splatv:
-        path = base.with_name(base.name + ".splatv")
-        saved.splatv_motion_error = write_splatv(path, gaussians, scene.cameras)
-        saved.paths.append(path)
+    with atomic_file_set(base.parent, base.name) as staged:
+        save_splats4d(staged.path(base.name + SUFFIX), scene)
+        saved.paths.append(base.with_name(base.name + SUFFIX))
         tick()
-    if ply_sequence:
-        folder = base.with_name(base.name + "_frames")
-        with atomic_folder(folder) as temporary:
+        if splatv:
+            saved.splatv_motion_error = write_splatv(staged.path(base.name + ".splatv"), gaussians, scene.cameras)
+            saved.paths.append(base.with_name(base.name + ".splatv"))
+            tick()
+        if ply_sequence:
+            folder = staged.path(base.name + "_frames")
             for index, time in enumerate(scene.frame_times.tolist()):
-                write_ply(temporary / f"frame_{index:04d}.ply", visible(gaussians.frame(time)))
+                write_ply(folder / f"frame_{index:04d}.ply", visible(gaussians.frame(time)))
+                saved.paths.append(base.with_name(base.name + "_frames") / f"frame_{index:04d}.ply")
                 tick()
-        saved.paths += [folder / f"frame_{index:04d}.ply" for index in range(len(scene.frame_times))]
-    if static_time is not None:
-        path = base.with_name(f"{base.name}_t{static_time:.3f}.ply")
-        write_ply(path, visible(gaussians.frame(torch.tensor(static_time))))
-        saved.paths.append(path)
-        tick()
+        if static_time is not None:
+            name = f"{base.name}_t{static_time:.3f}.ply"
+            write_ply(staged.path(name), visible(gaussians.frame(torch.tensor(static_time))))
+            saved.paths.append(base.with_name(name))
+            tick()
     return saved

@@ -17,11 +17,12 @@ from typing import Callable
 import torch
 
 from ..errors import InvalidInput
+from ..memory import check_memory
 from ..multiview_video import MultiviewVideo
 from .init import camera_extent, initial_gaussians
 from .losses import LPIPS, photometric_loss, resize_images
 from .model import DynamicGaussians, MotionConfig
-from .rasterize import Backend, render, resolve_backend
+from .rasterize import GRAD_BYTES_PER_ENTRY, TILE_SIZE, TORCH_FIT_FIX, Backend, render, resolve_backend
 
 # Adam learning rates (3DGS's, per parameter); position-like ones are multiplied by the scene scale and decay
 # exponentially to 1% over the fit.
@@ -67,7 +68,9 @@ class FitSettings:
                                "use resolution 0 (the images' size) and e.g. 20000 initial Gaussians")
         if not 0 <= self.ssim_weight <= 1 or self.lpips_weight < 0:
             raise InvalidInput("ssim_weight", "ssim_weight must lie in [0, 1] and lpips_weight be >= 0", "use 0.2 and 0")
-        if not 0 <= self.densify_start <= self.densify_stop <= 1 or self.densify_every < 1:
+        if not 0 <= self.densify_stop <= 1:
+            raise InvalidInput("densify_stop", f"must lie in [0, 1], got {self.densify_stop}", "use 0.6 (the fraction of the iterations)")
+        if not 0 <= self.densify_start <= self.densify_stop or self.densify_every < 1:
             raise InvalidInput("densify", "densify_start <= densify_stop within [0, 1] and densify_every >= 1 are needed",
                                "use 0.05, 0.6 and 100")
 
@@ -102,10 +105,27 @@ def fit_dynamic_gaussians(
         return _fit(video, settings, torch.device(device), on_step, lpips)
 
 
+def check_fit_memory(video: MultiviewVideo, settings: FitSettings, device: torch.device, backend: str) -> None:
+    """Refuse, before anything is allocated, a fit whose targets or (on the PyTorch rasteriser) whose first step
+    cannot fit in free memory."""
+    height, width = fit_size(video, settings.resolution)
+    check_memory("resolution", video.num_views * video.num_frames * height * width * 3,
+                 f"the {video.num_views} x {video.num_frames} target images at {width} x {height} (8-bit)",
+                 "lower resolution", device)
+    if backend == "torch":
+        # A lower bound: every initial Gaussian lies in the ball all cameras see, so it is listed in at least one
+        # 16 x 16 tile of each view a step renders, and autograd keeps each listing's pixel entries.
+        views = min(settings.views_per_step, video.num_views)
+        check_memory("gaussians", settings.initial_gaussians * views * TILE_SIZE * TILE_SIZE * GRAD_BYTES_PER_ENTRY,
+                     f"a step of the PyTorch rasteriser with {settings.initial_gaussians} Gaussians in {views} views",
+                     TORCH_FIT_FIX, device)
+
+
 def _fit(video, settings, device, on_step, lpips) -> FitResult:
     settings.check()
     video.check_has_content()
     backend = resolve_backend(settings.backend, device)
+    check_fit_memory(video, settings, device, backend)
     started = time.perf_counter()
     height, width = fit_size(video, settings.resolution)
     # Targets as uint8 on the device (21 x 25 images of 576^2: 0.5 GB instead of 2 GB), converted a view at a time.
@@ -123,7 +143,7 @@ def _fit(video, settings, device, on_step, lpips) -> FitResult:
         torch.manual_seed(settings.seed)  # gsplat's split samples from the global generator
         carve_background = background.cpu() if settings.carve else None
         gaussians = initial_gaussians(video, settings.initial_gaussians, settings.motion, carve_background, generator, device,
-                                      settings.initial_time_window)
+                                      settings.initial_time_window, on_batch=lambda: on_step(0, settings.iterations) if on_step else None)
         params = {name: torch.nn.Parameter(value.contiguous()) for name, value in gaussians.params.items()}
         gaussians = DynamicGaussians(params, settings.motion)  # the strategy edits this dict in place
         scene_scale = camera_extent(video.cameras)

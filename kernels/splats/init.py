@@ -9,6 +9,7 @@ frame. Without usable silhouettes the points fill the whole ball.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -19,6 +20,7 @@ from .model import DynamicGaussians, MotionConfig, new_gaussians
 
 FOREGROUND_THRESHOLD = 0.08  # largest channel difference from the background that still counts as background
 MIN_CARVED_FRACTION = 0.002  # fewer survivors than this means the silhouettes are not usable
+CARVE_BATCH = 1 << 18  # candidates tested at a time: carving holds (candidates x views x frames) colours
 
 
 def scene_sphere(cameras: CameraRig) -> tuple[torch.Tensor, float]:
@@ -48,10 +50,12 @@ def camera_extent(cameras: CameraRig) -> float:
 
 
 def initial_gaussians(video: MultiviewVideo, count: int, config: MotionConfig, background: torch.Tensor | None,
-                      generator: torch.Generator, device: torch.device | str = "cpu", time_window: float = 0.0) -> DynamicGaussians:
+                      generator: torch.Generator, device: torch.device | str = "cpu", time_window: float = 0.0,
+                      on_batch: Callable[[], None] | None = None) -> DynamicGaussians:
     """`count` Gaussians inside the scene sphere (carved to the visual hull when `background` is given). With
     temporal opacity and time_window > 0, each starts visible around the frame it was carved at (that std in
-    clip units); otherwise over the whole clip, so the fit has to move it rather than switch it on and off."""
+    clip units); otherwise over the whole clip, so the fit has to move it rather than switch it on and off.
+    Candidates are tested CARVE_BATCH at a time; on_batch() is called after each batch (an interrupt check)."""
     if count < 1:
         raise InvalidInput("initial_gaussians", f"must be at least 1, got {count}", "start from e.g. 20000 Gaussians")
     centre, radius = scene_sphere(video.cameras)
@@ -66,9 +70,11 @@ def initial_gaussians(video: MultiviewVideo, count: int, config: MotionConfig, b
     if background is not None:
         kept_points, kept_frames, kept_colours, tried = [], [], [], 0
         while sum(len(p) for p in kept_points) < count and tried < 16 * count:  # the hull may fill little of the ball
-            candidates = sample(4 * count)
+            candidates = sample(min(4 * count, CARVE_BATCH))
             tried += len(candidates)
             inside, colours_at = _carve(video, candidates, background.float().cpu())
+            if on_batch is not None:
+                on_batch()
             keep = inside.any(1).nonzero()[:, 0]
             if len(keep) == 0:
                 continue
@@ -111,10 +117,10 @@ def _project(video: MultiviewVideo, points: torch.Tensor, frame: int) -> tuple[t
 def _mean_colours(video, points, frames) -> torch.Tensor:
     colours = torch.full((len(points), 3), 0.5)
     for frame in frames.unique().tolist():
-        mask = frames == frame
-        sampled, seen = _project(video, points[mask], frame)
-        weights = seen.float()[..., None]
-        colours[mask] = ((sampled * weights).sum(0) / weights.sum(0).clamp_min(1)).cpu()
+        for part in (frames == frame).nonzero()[:, 0].split(CARVE_BATCH):
+            sampled, seen = _project(video, points[part], frame)
+            weights = seen.float()[..., None]
+            colours[part] = ((sampled * weights).sum(0) / weights.sum(0).clamp_min(1)).cpu()
     return colours
 
 

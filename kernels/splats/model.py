@@ -18,6 +18,7 @@ import torch
 
 from ..cameras import CameraRig
 from ..errors import InvalidInput
+from ..memory import check_memory
 
 SH_C0 = 0.28209479177387814
 
@@ -204,6 +205,22 @@ class Splats4D:
 
     def __repr__(self) -> str:
         return f"Splats4D({self.gaussians.count} Gaussians, {len(self.frame_times)} frames)"
+
+
+def frames_at_times(gaussians: DynamicGaussians, times: torch.Tensor, fix: str) -> dict[str, torch.Tensor]:
+    """Every Gaussian at each time, (T, N, ...) render-ready: positions, scales, rotations, opacities (T, N, 1)
+    and sh (T, N, K, 3), as ComfyUI's core SPLAT batch holds them. Scales and colours do not change over time:
+    expanded views, not copies. Refused before allocating when it would not fit in free memory."""
+    g = gaussians.to("cpu")
+    frames = len(times)
+    # positions (3) + rotations (4) + opacities (1) float32 per Gaussian and time, and as much again for the
+    # intermediates of evaluating them (basis products, quaternion norms)
+    check_memory("frame_times", 2 * 8 * 4 * frames * g.count, f"the scene at each of its {frames} frame times ({g.count} Gaussians)", fix)
+    with torch.no_grad():
+        return {
+            "positions": g.positions(times), "scales": g.params["scales"].exp().expand(frames, -1, -1),
+            "rotations": g.rotations(times), "opacities": g.opacities(times)[..., None], "sh": g.sh().expand(frames, -1, -1, -1),
+        }
 
 
 def rgb_to_sh_dc(rgb: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from ..errors import InvalidInput
+from ..memory import check_memory
 from .model import GaussianFrame
 
 Backend = Literal["auto", "gsplat", "torch"]
@@ -27,6 +28,10 @@ NEAR_PLANE = 0.01
 FAR_PLANE = 1e10
 EPS_2D = 0.3  # pixels^2 of blur added to every projected covariance (3DGS / gsplat "classic")
 _TORCH_CHUNK_BYTES = 256 * 2**20
+_BYTES_PER_ENTRY = 48  # float32 intermediates alive per (pixel, listed Gaussian) entry of one block
+GRAD_BYTES_PER_ENTRY = 160  # what a step keeps per (pixel, listed Gaussian) entry for its backward pass (bench/memory_constants.py: 123-129)
+TORCH_FIT_FIX = ("lower initial_gaussians, max_gaussians or resolution (the PyTorch rasteriser keeps every pixel x Gaussian "
+                 "overlap of a step for its gradients), or run on a CUDA GPU")
 
 
 @dataclass
@@ -161,43 +166,57 @@ def _render_torch(frame, viewmats, Ks, width, height, background) -> RenderOutpu
 
 def _composite(means2d, conics, opacities, colours, depths, radii, width, height, background):
     """Front-to-back alpha compositing of one camera's Gaussians, gsplat's CUDA rules: every Gaussian is listed in
-    the 16 x 16 tiles its box touches, each tile blends its own list in depth order."""
+    the 16 x 16 tiles its box touches, each tile blends its own list in depth order.
+
+    Memory is bounded by blocks: a few tiles at a time, and within them at most `block` Gaussians of each tile's
+    list at a time (a tile may hold every Gaussian of the scene), carrying the transmittance from block to block.
+    With gradients on, autograd keeps every block's intermediates for the backward pass: that total is checked
+    against free memory before the first block."""
     device = means2d.device
+    pixels = TILE_SIZE * TILE_SIZE
     tiles_x, tiles_y = math.ceil(width / TILE_SIZE), math.ceil(height / TILE_SIZE)
     tile_ids, gaussian_ids = _tile_lists(means2d, radii, depths, tiles_x, tiles_y)
-    colour = torch.zeros(tiles_y * tiles_x, TILE_SIZE * TILE_SIZE, 3, device=device)
-    transmittance = torch.ones(tiles_y * tiles_x, TILE_SIZE * TILE_SIZE, 1, device=device)
+    colour = torch.zeros(tiles_y * tiles_x, pixels, 3, device=device)
+    transmittance = torch.ones(tiles_y * tiles_x, pixels, 1, device=device)
     if len(tile_ids):
+        if torch.is_grad_enabled() and means2d.requires_grad:
+            check_memory("gaussians", GRAD_BYTES_PER_ENTRY * pixels * len(tile_ids),
+                         f"a step of the PyTorch rasteriser ({len(tile_ids)} tile listings of Gaussians, with gradients)",
+                         TORCH_FIT_FIX, device)
         counts = torch.bincount(tile_ids, minlength=tiles_x * tiles_y)
         starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(len(tile_ids), device=device) - starts[tile_ids]  # rank within its tile
-        longest = int(counts.max())
+        block = min(int(counts.max()), max(1, _TORCH_CHUNK_BYTES // (_BYTES_PER_ENTRY * pixels)))
+        tiles_per_chunk = max(1, _TORCH_CHUNK_BYTES // (_BYTES_PER_ENTRY * pixels * block))
         local_y, local_x = torch.meshgrid(torch.arange(TILE_SIZE, device=device), torch.arange(TILE_SIZE, device=device), indexing="ij")
-        tiles_per_chunk = max(1, _TORCH_CHUNK_BYTES // (48 * TILE_SIZE * TILE_SIZE * longest))
-        occupied = counts.nonzero()[:, 0]
-        for chunk in occupied.split(tiles_per_chunk):
-            table = torch.full((tiles_x * tiles_y, longest), -1, dtype=torch.long, device=device)
-            table[tile_ids, slot] = gaussian_ids
-            table = table[chunk]  # (t, M) Gaussian ids in depth order, -1 = padding
-            present = table >= 0
-            ids = table.clamp_min(0)
+        for chunk in counts.nonzero()[:, 0].split(tiles_per_chunk):
             px = ((chunk % tiles_x)[:, None] * TILE_SIZE + local_x.reshape(1, -1)).float() + 0.5  # (t, 256)
             py = ((chunk // tiles_x)[:, None] * TILE_SIZE + local_y.reshape(1, -1)).float() + 0.5
-            dx = means2d[ids, 0][:, None, :] - px[..., None]  # (t, 256, M)
-            dy = means2d[ids, 1][:, None, :] - py[..., None]
-            conic = conics[ids][:, None]  # (t, 1, M, 3)
-            sigma = 0.5 * (conic[..., 0] * dx * dx + conic[..., 2] * dy * dy) + conic[..., 1] * dx * dy
-            alpha = (opacities[ids][:, None, :] * torch.exp(-sigma)).clamp(max=MAX_ALPHA)
-            with torch.no_grad():
-                used = present[:, None, :] & (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
-            alpha = torch.where(used, alpha, torch.zeros_like(alpha))
-            through = torch.cumprod(1 - alpha, dim=-1)  # transmittance after each Gaussian
-            with torch.no_grad():
-                included = through > MIN_TRANSMITTANCE  # the CUDA loop stops before the Gaussian that would cross 1e-4
-            before = torch.cat([torch.ones_like(through[..., :1]), through[..., :-1]], dim=-1)
-            weight = torch.where(included, alpha * before, torch.zeros_like(alpha))
-            colour = colour.index_put((chunk,), weight @ colours[ids])
-            left = torch.where(included, 1 - alpha, torch.ones_like(alpha)).prod(dim=-1, keepdim=True)
+            through_all = torch.ones(len(chunk), pixels, 1, device=device)  # product over every Gaussian so far
+            left = torch.ones(len(chunk), pixels, 1, device=device)  # product over those blended
+            blended = torch.zeros(len(chunk), pixels, 3, device=device)
+            for first in range(0, int(counts[chunk].max()), block):
+                slots = torch.arange(first, first + block, device=device)
+                present = slots[None] < counts[chunk][:, None]  # (t, b); the rest is padding
+                ids = gaussian_ids[(starts[chunk][:, None] + slots[None]).clamp(max=len(gaussian_ids) - 1)]
+                dx = means2d[ids, 0][:, None, :] - px[..., None]  # (t, 256, b)
+                dy = means2d[ids, 1][:, None, :] - py[..., None]
+                conic = conics[ids][:, None]  # (t, 1, b, 3)
+                sigma = 0.5 * (conic[..., 0] * dx * dx + conic[..., 2] * dy * dy) + conic[..., 1] * dx * dy
+                alpha = (opacities[ids][:, None, :] * torch.exp(-sigma)).clamp(max=MAX_ALPHA)
+                with torch.no_grad():
+                    used = present[:, None, :] & (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
+                alpha = torch.where(used, alpha, torch.zeros_like(alpha))
+                through = through_all * torch.cumprod(1 - alpha, dim=-1)  # transmittance after each Gaussian
+                with torch.no_grad():
+                    included = through > MIN_TRANSMITTANCE  # the CUDA loop stops before the Gaussian that would cross 1e-4
+                before = torch.cat([through_all, through[..., :-1]], dim=-1)
+                weight = torch.where(included, alpha * before, torch.zeros_like(alpha))
+                blended = blended + weight @ colours[ids]
+                left = left * torch.where(included, 1 - alpha, torch.ones_like(alpha)).prod(dim=-1, keepdim=True)
+                through_all = through[..., -1:]
+                if not bool((through_all > MIN_TRANSMITTANCE).any()):
+                    break  # every pixel of these tiles is saturated: the rest of their lists is never blended
+            colour = colour.index_put((chunk,), blended)
             transmittance = transmittance.index_put((chunk,), left)
     image = colour + transmittance * background
     image = image.reshape(tiles_y, tiles_x, TILE_SIZE, TILE_SIZE, 3).permute(0, 2, 1, 3, 4)

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..cameras import CameraRig
-from ..errors import InvalidInput
-from ..files import atomic_file
+from ..errors import file_error
+from ..files import atomic_file, read_whole_file
 from .model import DynamicGaussians, MotionConfig, rgb_to_sh_dc, sh_dc_to_rgb, time_basis
 
 MAGIC = 0x674B
@@ -156,21 +156,49 @@ def encode(records: SplatvRecords, cameras: CameraRig | None = None) -> bytes:
     return np.array([MAGIC, len(header)], dtype="<u4").tobytes() + header + words.astype("<u4").tobytes()
 
 
-def decode(data: bytes) -> tuple[SplatvRecords, list[dict]]:
+SPLATV_FIX = "load a .splatv written by MV4D Save 4D or a splaTV exporter"
+READ_MEMORY_PER_BYTE = 12  # the file, its decoded float32 fields and the float64 re-expansion, per byte of the file
+_MAX_HEADER_BYTES = 16 << 20  # a JSON header (camera list) larger than this is no splaTV header
+
+
+def _header_chunk(data: bytes, name: str) -> tuple[dict, int]:
+    """The 'splat' chunk of the JSON header and where the texture starts."""
     if len(data) < 8:
-        raise InvalidInput("file", "too short to be a .splatv file", "load a file written by a splaTV exporter")
-    magic, length = np.frombuffer(data[:8], dtype="<u4")
+        raise file_error(name, f"is {len(data)} bytes long, too short to be a .splatv file", SPLATV_FIX)
+    magic, length = (int(value) for value in np.frombuffer(data[:8], dtype="<u4"))
     if magic != MAGIC:
-        raise InvalidInput("file", f"magic {int(magic):#x} is not .splatv's {MAGIC:#x}", "load a .splatv file")
-    chunks = json.loads(data[8: 8 + int(length)].decode("utf-8"))
-    splat = next((chunk for chunk in chunks if chunk.get("type") == "splat"), None)
+        raise file_error(name, f"starts with magic {magic:#x}, not .splatv's {MAGIC:#x}", SPLATV_FIX)
+    if length > min(len(data) - 8, _MAX_HEADER_BYTES):
+        raise file_error(name, f"declares a {length}-byte header but holds {len(data) - 8} bytes after the magic", SPLATV_FIX)
+    try:
+        chunks = json.loads(data[8: 8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise file_error(name, f"its header is not UTF-8 JSON ({type(error).__name__}: {str(error)[:80]})", SPLATV_FIX) from None
+    if not isinstance(chunks, list):
+        raise file_error(name, f"its header is a JSON {type(chunks).__name__}, not the list of chunks", SPLATV_FIX)
+    splat = next((chunk for chunk in chunks if isinstance(chunk, dict) and chunk.get("type") == "splat"), None)
     if splat is None:
-        raise InvalidInput("file", "the .splatv header has no 'splat' chunk", "load a .splatv file")
-    start = 8 + int(length)
-    words = np.frombuffer(data[start: start + splat["size"]], dtype="<u4")
-    if len(words) != splat["texwidth"] * splat["texheight"] * 4:
-        raise InvalidInput("file", "the texture is shorter than its header says", "the file is truncated; write it again")
-    table = words.reshape(-1, WORDS_PER_SPLAT)
+        raise file_error(name, "its header has no 'splat' chunk", SPLATV_FIX)
+    for key in ("size", "texwidth", "texheight"):
+        if type(splat.get(key)) is not int or splat[key] < 0:  # bool is an int subclass: not a size
+            raise file_error(name, f"its 'splat' chunk has {key} = {splat.get(key)!r}, not a whole number >= 0", SPLATV_FIX)
+    if not isinstance(splat.get("cameras", []), list):
+        raise file_error(name, "its 'splat' chunk has 'cameras' that are not a list", SPLATV_FIX)
+    return splat, 8 + length
+
+
+def decode(data: bytes, name: str = "file.splatv") -> tuple[SplatvRecords, list[dict]]:
+    """The Gaussians of a .splatv's bytes; anything that is not a well-formed .splatv is an InvalidInput naming
+    `name`. Sizes the header declares are checked against the bytes present before any array is built."""
+    splat, start = _header_chunk(data, name)
+    size, width, height = splat["size"], splat["texwidth"], splat["texheight"]
+    if size != width * height * 16 or size % (4 * WORDS_PER_SPLAT):
+        raise file_error(name, f"its texture of {width} x {height} texels does not hold {size} bytes of whole Gaussians "
+                               f"({4 * WORDS_PER_SPLAT} bytes each)", SPLATV_FIX)
+    if size > len(data) - start:
+        raise file_error(name, f"declares a {size}-byte texture but holds {len(data) - start} bytes after the header "
+                               "(truncated?)", "write the file again")
+    table = np.frombuffer(memoryview(data)[start: start + size], dtype="<u4").reshape(-1, WORDS_PER_SPLAT)
     # Unused trailing texels are zero; a real Gaussian has a non-zero scale word.
     count = int(np.max(np.nonzero(table[:, 5])[0], initial=-1)) + 1
     table = table[:count]
@@ -183,13 +211,23 @@ def decode(data: bytes) -> tuple[SplatvRecords, list[dict]]:
     w0, w1 = _unpack_half_pairs(table[:, 13])
     w2, w3 = _unpack_half_pairs(table[:, 14])
     centre, scale = _unpack_half_pairs(table[:, 15])
-    tensor = torch.from_numpy
-    records = SplatvRecords(
-        positions=tensor(table[:, 0:3].copy().view(np.float32)), quats=tensor(np.stack([q0, q1, q2, q3], 1)),
-        scales=tensor(np.stack([s0, s1, s2], 1)), rgba=tensor(rgba), motion=tensor(motion.reshape(count, 3, 3).copy()),
-        omega=tensor(np.stack([w0, w1, w2, w3], 1)), time_centre=tensor(centre.copy()), time_scale=tensor(scale.copy()),
-    )
-    return records, splat.get("cameras", [])
+    fields = {
+        "positions": table[:, 0:3].copy().view(np.float32), "quats": np.stack([q0, q1, q2, q3], 1),
+        "scales": np.stack([s0, s1, s2], 1), "rgba": rgba, "motion": motion.reshape(count, 3, 3).copy(),
+        "omega": np.stack([w0, w1, w2, w3], 1), "time_centre": centre.copy(), "time_scale": scale.copy(),
+    }
+    def rows(flags: np.ndarray) -> np.ndarray:  # per Gaussian: any flag set in its row
+        return flags.any(axis=tuple(range(1, flags.ndim)))
+
+    for field, values in fields.items():
+        bad = rows(~np.isfinite(values))
+        if bad.any():
+            raise file_error(name, f"Gaussian {int(bad.nonzero()[0][0])} has a NaN or infinite {field}", "write the file again from finite Gaussians")
+    for field in ("scales", "time_scale"):
+        bad = rows(fields[field] < 0)
+        if bad.any():
+            raise file_error(name, f"Gaussian {int(bad.nonzero()[0][0])} has a negative {field.replace('_', ' ')}", SPLATV_FIX)
+    return SplatvRecords(**{field: torch.from_numpy(values) for field, values in fields.items()}), splat.get("cameras", [])
 
 
 def write_splatv(path: str | Path, gaussians: DynamicGaussians, cameras: CameraRig | None = None) -> float:
@@ -228,5 +266,6 @@ def from_records(records: SplatvRecords) -> DynamicGaussians:
 
 
 def read_splatv(path: str | Path) -> tuple[DynamicGaussians, list[dict]]:
-    records, cameras = decode(Path(path).read_bytes())
+    """A .splatv file's Gaussians and its camera list; anything else is an InvalidInput naming the file."""
+    records, cameras = decode(read_whole_file(path, READ_MEMORY_PER_BYTE, SPLATV_FIX), Path(path).name)
     return from_records(records), cameras

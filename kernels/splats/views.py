@@ -9,6 +9,7 @@ import torch
 
 from ..cameras import CameraRig, orbit_rig
 from ..errors import InvalidInput
+from ..memory import check_memory
 from ..multiview_video import even_times
 from .init import scene_sphere
 from .model import DynamicGaussians, Splats4D
@@ -32,6 +33,9 @@ def render_images(gaussians: DynamicGaussians, cameras: CameraRig, times: torch.
     times = torch.as_tensor(times, dtype=torch.float32).reshape(-1)
     if len(times) != len(cameras):
         raise InvalidInput("times", f"{len(times)} times for {len(cameras)} cameras", "give one time per camera")
+    # the float32 images, and half as much again for what is made of them (ComfyUI's 8-bit preview copies)
+    check_memory("images", 1.5 * 12 * len(cameras) * cameras.height * cameras.width,
+                 f"{len(cameras)} images of {cameras.width} x {cameras.height}", "render fewer frames or smaller images")
     images = torch.empty(len(cameras), cameras.height, cameras.width, 3)
     world_to_camera, intrinsics = cameras.world_to_camera.float(), cameras.intrinsics.float()
     start = 0
@@ -51,5 +55,10 @@ def render_images(gaussians: DynamicGaussians, cameras: CameraRig, times: torch.
 
 def grid_request(cameras: CameraRig, times: torch.Tensor) -> tuple[CameraRig, torch.Tensor]:
     """Every camera at every time, view-major (camera c, time f at index c * T + f)."""
+    count = len(cameras) * len(times)
+    # per image: its camera's matrices (float64) and, to come, the image itself (see render_images)
+    check_memory("images", count * (25 * 8 + 1.5 * 12 * cameras.height * cameras.width),
+                 f"{len(cameras)} cameras x {len(times)} times = {count} images of {cameras.width} x {cameras.height}",
+                 "render fewer frames, or connect fewer cameras")
     indices = torch.arange(len(cameras)).repeat_interleave(len(times))
     return cameras.select(indices), times.repeat(len(cameras))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
+
+
+def pack_import_failures(log: str, packs: tuple[str, ...] = ("mv4d", "mv4d_test_models")) -> list[str]:
+    """The lines of a ComfyUI log saying one of our packs failed to import. ComfyUI's own optional nodes may fail
+    to import on a host (its audio nodes without torchaudio): not ours to check."""
+    ours = re.compile(r"[/\\]custom_nodes[/\\](" + "|".join(map(re.escape, packs)) + r")(?=[\s/\\]|$)")
+    return [line for line in log.splitlines() if ("Cannot import" in line or "IMPORT FAILED" in line) and ours.search(line)]
 
 
 def run_node(node_class, **inputs):

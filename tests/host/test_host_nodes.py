@@ -141,19 +141,22 @@ def test_errors_name_the_node_the_input_and_the_fix(comfy, mv4d_nodes):
     preview = dict(epipolar_mask=mask, source_view=1, target_view=1, queries=2, query_seed=0, panel_height=64)
     with pytest.raises(NodeInputError, match=r"MV4D Preview Epipolar Mask: input 'target_view': source_view equals target_view\. Fix: pick two different views in 0\.\.2"):
         run_node(mv4d_nodes.PreviewEpipolarMask, **preview)
-    with pytest.raises(NodeInputError, match=r"views 0 -> 5 are not a pair"):
+    with pytest.raises(NodeInputError, match=r"input 'target_view': view 5 does not exist in this 3-view mask\. Fix: pick a view in 0\.\.2"):
         run_node(mv4d_nodes.PreviewEpipolarMask, **(preview | {"source_view": 0, "target_view": 5}))
+    # issue 12, item 16: a source view out of range was blamed on target_view
+    with pytest.raises(NodeInputError, match=r"input 'source_view': view 7 does not exist in this 3-view mask"):
+        run_node(mv4d_nodes.PreviewEpipolarMask, **(preview | {"source_view": 7, "target_view": 0}))
     with pytest.raises(NodeInputError, match=r"input 'images': 2 images, but view 2 was asked for"):
         run_node(mv4d_nodes.PreviewEpipolarMask, **(preview | {"target_view": 2, "images": torch.zeros(2, 8, 8, 3)}))
 
     binary = Path(comfy.get_input_directory()) / "binary.txt"
     binary.write_bytes(bytes(range(128, 256)) * 4)
-    with pytest.raises(NodeInputError, match=r"MV4D Load Camera Trajectory: input 'pose_file': cannot read 'binary.txt'.*Fix: use a plain-text"):
+    with pytest.raises(NodeInputError, match=r"MV4D Load Camera Trajectory: input 'pose_file': binary.txt: is not UTF-8 text \(byte 0 is 0x80\)\. Fix: use a plain-text"):
         run_node(mv4d_nodes.LoadCameraTrajectory, pose_file="binary.txt", width=64, height=64, source_aspect=1.0,
                  start_frame=0, frame_stride=1, max_frames=0, relative_to_first=True)
 
     bad = Path(comfy.get_input_directory()) / "broken.txt"
     bad.write_text("url\n" + POSE_LINE.format(stamp=0, x=0) + "\n0 0.5 0.5\n")
-    with pytest.raises(NodeInputError, match=r"MV4D Load Camera Trajectory: input 'pose_file': line 3: expected 19 numbers"):
+    with pytest.raises(NodeInputError, match=r"MV4D Load Camera Trajectory: input 'pose_file': broken.txt: line 3: expected 19 numbers"):
         run_node(mv4d_nodes.LoadCameraTrajectory, pose_file="broken.txt", width=64, height=64, source_aspect=1.0,
                  start_frame=0, frame_stride=1, max_frames=0, relative_to_first=True)

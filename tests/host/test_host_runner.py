@@ -17,7 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mv4d_host_helpers import get_json, load_api_workflow, on_tiny_models, post_prompt, view, wait_for_history, write_input_video, write_input_views
+from mv4d_host_helpers import (WORKFLOWS, get_json, load_api_workflow, on_tiny_models, post_prompt, view, wait_for_history,
+                               write_input_video, write_input_views)
 
 from mv4d.runner.cli import main
 from mv4d.runner.local_server import free_port
@@ -112,7 +113,7 @@ def test_a_batch_of_images_runs_and_every_output_is_downloaded(comfy_server, tmp
         assert (file["filename"], file["subfolder"], file["type"], file["node_id"]) == (saved["filename"], saved["subfolder"], "output", "5")
         data = (tmp_path / "out" / file["path"]).read_bytes()
         assert data == view(comfy_server.url, saved) == (comfy_server.output_dir / saved["subfolder"] / saved["filename"]).read_bytes()
-        assert file["bytes"] == len(data) and file["path"] == f"{item['name']}/mv4d_runner/{saved['filename']}"
+        assert file["bytes"] == len(data) and file["path"] == f"{item['name']}/output/mv4d_runner/{saved['filename']}"
         picture = Image.open(io.BytesIO(data)).convert("RGB")
         red, green, blue = colors[item["name"]]
         assert picture.size == (32, 32)
@@ -284,6 +285,19 @@ def test_the_shipped_multiview_and_video_workflows_run_as_batches(comfy_server, 
     entry = get_json(f"{comfy_server.url}/history/{item['prompt_id']}")[item["prompt_id"]]
     assert (comfy_server.input_dir / entry["prompt"][2]["3"]["inputs"]["file"]).read_bytes() == (tmp_path / "clip.mp4").read_bytes()
     assert item["files"]
+
+
+def test_the_example_workflow_without_inputs_runs_once_through_the_runner(comfy_server, tmp_path, capsys):
+    """Issue 12, item 5: 4d_gaussians_example has no input node, and the runner refused it."""
+    code, stderr, manifest = run(capsys, WORKFLOWS / "api" / "4d_gaussians_example.json", "--output", tmp_path / "out",
+                                 "--server", comfy_server.url, "--set", "3.iterations=20")
+    assert code == 0, stderr
+    [item] = manifest["items"]
+    assert item["name"] == "4d_gaussians_example" and item["status"] == "done"
+    paths = [file["path"] for file in item["files"]]
+    assert any(path.startswith("4d_gaussians_example/output/mv4d/example_") and path.endswith(".splatv") for path in paths)
+    assert any(path.startswith("4d_gaussians_example/temp/") for path in paths)  # the turntable preview
+    assert all((tmp_path / "out" / file["path"]).stat().st_size == file["bytes"] for file in item["files"])
 
 
 def test_start_server_runs_the_batch_on_a_comfyui_of_its_own(comfy_server, host_conftest, tmp_path, capsys):

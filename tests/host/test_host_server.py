@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mv4d_host_helpers import (WORKFLOWS, execution_error, get_json, load_api_workflow, on_tiny_models, post_prompt, run_prompt,
-                               view, wait_for_history, wait_until_node_progresses)
+from mv4d_host_helpers import (WORKFLOWS, execution_error, get_json, load_api_workflow, on_tiny_models, pack_import_failures, post_prompt,
+                               run_prompt, view, wait_for_history, wait_until_node_progresses)
 from test_host_nodes import EXPECTED_NODES, POSE_LINE
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -18,7 +18,20 @@ def test_object_info_lists_every_mv4d_node(comfy_server):
     ours = {node_id: entry for node_id, entry in info.items() if node_id.startswith("MV4D_")}
     assert {node_id: entry["display_name"] for node_id, entry in ours.items()} == EXPECTED_NODES
     assert all(entry["category"].startswith("mv4d/") and entry["description"] for entry in ours.values())
-    assert "Cannot import" not in comfy_server.log.read_text()
+    assert pack_import_failures(comfy_server.log.read_text()) == []
+
+
+def test_only_our_own_import_failures_count():
+    """Issue 12, item 6: grepping the whole log failed on hosts whose optional audio nodes do not import."""
+    log = ("Cannot import /opt/ComfyUI/comfy_extras/nodes_audio.py module for custom nodes: No module named 'torchaudio'\n"
+           "IMPORT FAILED: nodes_audio.py\n"
+           "   0.0 seconds (IMPORT FAILED): /tmp/base/custom_nodes/mv4d_other\n"
+           "   0.1 seconds: /tmp/base/custom_nodes/mv4d\n")
+    assert "Cannot import" in log  # what the lane used to look for: this log failed it
+    assert pack_import_failures(log) == []
+    broken = log + ("Cannot import /tmp/base/custom_nodes/mv4d module for custom nodes: No module named 'kornia'\n"
+                    "   0.0 seconds (IMPORT FAILED): C:\\ComfyUI\\custom_nodes\\mv4d_test_models\n")
+    assert pack_import_failures(broken) == broken.splitlines()[-2:]
 
 
 MAGIC = {".ply": b"ply\n", ".splatv": bytes([0x4B, 0x67, 0, 0]), ".safetensors": None}
@@ -107,6 +120,24 @@ TRAJECTORY_PROMPT = {
 }
 
 
+def test_a_link_loop_in_the_input_folder_does_not_stop_the_server(comfy_server):
+    """Issue 12, item 7: listing files for Load 4D / Load Camera Trajectory followed links, so one loop under
+    input/ made /object_info stop answering (and listed every file 41 times)."""
+    import time
+
+    loop = comfy_server.input_dir / "loop"
+    loop.symlink_to(comfy_server.input_dir, target_is_directory=True)
+    try:
+        started = time.monotonic()
+        info = get_json(comfy_server.url + "/object_info/MV4D_LoadCameraTrajectory")
+        assert time.monotonic() - started < 60  # a bound on hanging, not a speed claim
+    finally:
+        loop.unlink()
+    options = info["MV4D_LoadCameraTrajectory"]["input"]["required"]["pose_file"]
+    names = options[0] if isinstance(options[0], list) else options[1]["options"]
+    assert len(names) == len(set(names)) and not any(name.startswith("loop/") for name in names)
+
+
 def test_trajectory_prompt_writes_its_output_file(comfy_server):
     write_pose_file(comfy_server.input_dir / "cameras", "dolly.txt", [POSE_LINE.format(stamp=i * 33366, x=-0.05 * i) for i in range(8)])
     entry = run_prompt(comfy_server.url, TRAJECTORY_PROMPT)
@@ -133,7 +164,7 @@ def test_bad_input_through_the_server_reports_node_input_and_fix(comfy_server):
     broken = json.loads(json.dumps(TRAJECTORY_PROMPT))
     broken["1"]["inputs"]["pose_file"] = "broken.txt"
     error = execution_error(run_prompt(comfy_server.url, broken))
-    assert "input 'pose_file': line 3: expected 19 numbers" in error["exception_message"]
+    assert "input 'pose_file': broken.txt: line 3: expected 19 numbers" in error["exception_message"]
 
 
 def test_missing_pose_file_is_refused_before_anything_runs(comfy_server):

@@ -101,6 +101,7 @@ def test_export_writes_every_file_whole_and_leaves_nothing_half_written(tmp_path
     names = sorted(path.relative_to(tmp_path).as_posix() for path in saved.paths)
     assert names == sorted(["scene_00001_.mv4d.safetensors", "scene_00001_.splatv", "scene_00001__t0.500.ply"]
                            + [f"scene_00001__frames/frame_{i:04d}.ply" for i in range(5)])
+    assert all(path.is_file() for path in saved.paths)
     for index, time in enumerate(scene.frame_times.tolist()):
         assert PlyData.read(str(tmp_path / f"scene_00001__frames/frame_{index:04d}.ply"))["vertex"].count == \
             visible(scene.gaussians.frame(time)).count
@@ -111,11 +112,39 @@ def test_export_writes_every_file_whole_and_leaves_nothing_half_written(tmp_path
     def stop_in_the_sequence(done, total):
         if done == 4:
             raise Stop
-    with pytest.raises(Stop):
+    with pytest.raises(Stop):  # an interrupt (or any error) half way through the set leaves none of it
         export_scene(scene, tmp_path / "scene_00002_", on_file=stop_in_the_sequence)
-    left = sorted(path.name for path in tmp_path.iterdir() if "00002" in path.name)
-    assert left == ["scene_00002_.mv4d.safetensors", "scene_00002_.splatv"]  # whole files only, no partial folder
-    assert load_splats4d(tmp_path / "scene_00002_.mv4d.safetensors").gaussians.count == 64
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["scene_00001_.mv4d.safetensors", "scene_00001_.splatv",
+                                                                       "scene_00001__t0.500.ply", "scene_00001__frames"])
+
+
+def test_frames_where_no_gaussian_is_visible_save_as_empty_plys(tmp_path):
+    """Issue 12, item 13: the .ply writer crashed on a frame with no visible Gaussian, after the other files of
+    the set were written."""
+    gaussians = moving_gaussians(MotionConfig(sh_degree=2))
+    gaussians.params["opacity_center"] = torch.full((gaussians.count,), 0.0)  # all fade out long before t = 1
+    gaussians.params["opacity_log_width"] = torch.full((gaussians.count,), math.log(0.05))
+    scene = Splats4D(gaussians, torch.linspace(0, 1, 3), None)
+    assert visible(gaussians.frame(1.0)).count == 0 < visible(gaussians.frame(0.0)).count
+    saved = export_scene(scene, tmp_path / "empty_00001_", static_time=1.0)
+    assert PlyData.read(str(tmp_path / "empty_00001__frames/frame_0002.ply"))["vertex"].count == 0
+    back = read_ply(tmp_path / "empty_00001__t1.000.ply")
+    assert back.means.shape == (0, 3) and back.sh.shape == (0, 9, 3) and back.sh_degree == 2
+    assert all(path.is_file() for path in saved.paths)
+
+
+def test_a_failing_member_leaves_none_of_the_set_behind(tmp_path, monkeypatch):
+    """Issue 12, item 13: a failure while writing one file must not leave the files written before it."""
+    from mv4d.kernels.splats import export
+
+    def broken_ply(path, frame):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "write_ply", broken_ply)
+    scene = Splats4D(moving_gaussians(MotionConfig()), torch.linspace(0, 1, 3), None)
+    with pytest.raises(OSError, match="No space"):
+        export_scene(scene, tmp_path / "scene_00001_")
+    assert list(tmp_path.iterdir()) == []  # no .mv4d.safetensors, no .splatv, no staging folder
 
 
 def test_writes_outside_the_output_folder_are_refused(tmp_path):

@@ -5,6 +5,9 @@ It "runs" a prompt by walking its nodes with a few progress events; SaveImage an
 output files derived from the uploaded input. An input holding b"FAIL" fails at the LoadImage node, as a file
 ComfyUI cannot decode would; one holding b"REJECT" (or not uploaded) fails POST /prompt's validation. With
 hold=True every prompt runs until it is interrupted.
+
+A test can make it misbehave: `tamper[route]` (route one of upload, prompt, history, queue, object_info) turns
+the answer it would give into another (a wrong shape, say); `hang_view=True` makes GET /view never answer.
 """
 
 from __future__ import annotations
@@ -52,13 +55,16 @@ def image_workflow(prefix: str = "batch") -> dict:
 
 class FakeComfyUI:
     def __init__(self, object_info: dict | None = None, hold: bool = False, websocket: bool = True, steps: int = 3,
-                 step_seconds: float = 0.01, port: int = 0):
+                 step_seconds: float = 0.01, port: int = 0, tamper: dict | None = None, hang_view: bool = False):
         self.port = port  # 0: any free one
         self.object_info = object_info if object_info is not None else OBJECT_INFO
         self.hold = hold
         self.websocket_enabled = websocket
         self.steps = steps
         self.step_seconds = step_seconds
+        self.tamper = tamper or {}
+        self.hang_view = hang_view
+        self.views_asked = 0
         self.uploads: dict[str, bytes] = {}        # "subfolder/name" -> content
         self.received: list[dict] = []             # every accepted POST /prompt: {prompt_id, client_id, prompt}
         self.deleted: list[str] = []               # ids asked for by POST /queue {"delete"}
@@ -87,6 +93,7 @@ class FakeComfyUI:
         self.thread.join(10)
 
     async def shutdown(self) -> None:
+        self.release.set()  # a hanging /view answers, so the server can stop
         self.executor_task.cancel()
         for socket in list(self.sockets.values()):
             await socket.close()  # else the server waits for clients to hang up
@@ -109,6 +116,7 @@ class FakeComfyUI:
         self.url = f"http://127.0.0.1:{self.port}"
         self.wake = asyncio.Event()
         self.interrupted = asyncio.Event()
+        self.release = asyncio.Event()
         self.executor_task = self.loop.create_task(self.executor())
         self.ready.set()
         self.loop.run_forever()
@@ -130,6 +138,12 @@ class FakeComfyUI:
 
     # -- routes ---------------------------------------------------------------------------------------------
 
+    def reply(self, route: str, answer, status: int = 200):
+        """The JSON answer of a route, as the test's tamper function (if any) turns it."""
+        if route in self.tamper:
+            answer = self.tamper[route](answer)
+        return web.json_response(answer, status=status)
+
     async def ws(self, request):
         if not self.websocket_enabled:
             return web.Response(status=404)
@@ -147,14 +161,14 @@ class FakeComfyUI:
         return web.json_response({"system": {"comfyui_version": "fake"}, "devices": []})
 
     async def get_object_info(self, request):
-        return web.json_response(self.object_info)
+        return self.reply("object_info", self.object_info)
 
     async def upload(self, request):
         form = await request.post()
         image = form["image"]
         subfolder = form.get("subfolder", "")
         self.uploads[f"{subfolder}/{image.filename}" if subfolder else image.filename] = image.file.read()
-        return web.json_response({"name": image.filename, "subfolder": subfolder, "type": form.get("type", "input")})
+        return self.reply("upload", {"name": image.filename, "subfolder": subfolder, "type": form.get("type", "input")})
 
     async def post_prompt(self, request):
         body = await request.json()
@@ -179,10 +193,10 @@ class FakeComfyUI:
         self.received.append({"prompt_id": prompt_id, "client_id": client_id, "prompt": prompt})
         self.pending.append([self.number, prompt_id, prompt, {"client_id": client_id}, []])
         self.wake.set()
-        return web.json_response({"prompt_id": prompt_id, "number": self.number, "node_errors": {}})
+        return self.reply("prompt", {"prompt_id": prompt_id, "number": self.number, "node_errors": {}})
 
     async def get_queue(self, request):
-        return web.json_response({"queue_running": [self.running] if self.running else [], "queue_pending": self.pending})
+        return self.reply("queue", {"queue_running": [self.running] if self.running else [], "queue_pending": self.pending})
 
     async def post_queue(self, request):
         body = await request.json()
@@ -203,13 +217,22 @@ class FakeComfyUI:
 
     async def get_history(self, request):
         prompt_id = request.match_info["prompt_id"]
-        return web.json_response({prompt_id: self.history[prompt_id]} if prompt_id in self.history else {})
+        return self.reply("history", {prompt_id: self.history[prompt_id]} if prompt_id in self.history else {})
 
     async def get_all_history(self, request):
         return web.json_response(self.history)
 
     async def view(self, request):
-        key = (request.query.get("type", "output"), request.query.get("subfolder", ""), request.query.get("filename", ""))
+        self.views_asked += 1
+        if self.hang_view:
+            await self.release.wait()
+        # as ComfyUI's server.py reads it: a " [temp]"-style annotation picks the folder, only the base name counts
+        kind, name = request.query.get("type", "output"), request.query.get("filename", "")
+        for suffix, annotated in (("[output]", "output"), ("[input]", "input"), ("[temp]", "temp")):
+            if name.endswith(suffix):
+                kind, name = annotated, name[:-len(suffix) - 1]
+                break
+        key = (kind, request.query.get("subfolder", ""), name.rsplit("/", 1)[-1])
         if key not in self.files:
             return web.Response(status=404)
         return web.Response(body=self.files[key], content_type="application/octet-stream")

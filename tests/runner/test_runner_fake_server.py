@@ -42,7 +42,7 @@ def test_a_batch_runs_every_item_and_downloads_every_output(fake, workflow_file,
         for file in item["files"]:
             content = fake.files[(file["type"], file["subfolder"], file["filename"])]
             local = tmp_path / "out" / file["path"]
-            assert file["path"] == "/".join(part for part in (item["name"], file["subfolder"], file["filename"]) if part)
+            assert file["path"] == "/".join(part for part in (item["name"], file["type"], file["subfolder"], file["filename"]) if part)
             assert local.read_bytes() == content and file["bytes"] == len(content)
             assert file["sha256"] == hashlib.sha256(content).hexdigest()
         assert set(item["timings"]) == {"upload_s", "queue_s", "run_s", "download_s", "total_s"}
