@@ -88,7 +88,7 @@ def main() -> None:
             noise = torch.randn(args.frames, 4, size // 8, size // 8, generator=generator)
             sampler = comfy.samplers.sampler_object("euler")
 
-            def sample(steps: int) -> float:
+            def sample(steps: int, guider=guider, noise=noise, sampler=sampler) -> float:
                 sigmas = torch.linspace(14.6, 0.03, steps + 1)
                 if cuda:
                     torch.cuda.synchronize()
