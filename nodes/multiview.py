@@ -90,8 +90,8 @@ class MultiviewConditioning(io.ComfyNode):
                              tooltip="Frames per view: more than 1 makes a multi-view video (apply a motion module to the model first)."),
             ],
             outputs=[
-                io.Conditioning.Output("positive_out", display_name="positive"),
-                io.Conditioning.Output("negative_out", display_name="negative"),
+                io.Conditioning.Output("positive_out", display_name="positive", tooltip="The prompt with each latent item's camera."),
+                io.Conditioning.Output("negative_out", display_name="negative", tooltip="The negative prompt with the same cameras."),
                 io.Latent.Output("latent", tooltip="One empty latent per view and frame (view-major)."),
                 Cameras.Output("cameras_out", display_name="cameras", tooltip="The cameras used (for Decode Grid and the fit)."),
             ],
@@ -126,8 +126,8 @@ class ImageDreamConditioning(io.ComfyNode):
                 io.Boolean.Input("pixel_controller", default=True, tooltip="Add the clean-image view (official 'pixel' mode, 4 views + 1)."),
             ],
             outputs=[
-                io.Conditioning.Output("positive_out", display_name="positive"),
-                io.Conditioning.Output("negative_out", display_name="negative"),
+                io.Conditioning.Output("positive_out", display_name="positive", tooltip="The prompt with the image prompt and cameras."),
+                io.Conditioning.Output("negative_out", display_name="negative", tooltip="The unconditional counterpart (zero image)."),
                 io.Latent.Output("latent", tooltip="One empty latent per view (+ the controller view)."),
                 Cameras.Output("cameras_out", display_name="cameras", tooltip="The cameras of the generated views."),
             ],
