@@ -8,6 +8,7 @@ from .epipolar import EpipolarMask, PreviewEpipolarMask
 from ..integration.host import register_model_folders
 from .load_multiview import LoadMultiviewImages
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
+from .preview_4d import Preview4D
 from .speed import Fp8MatmulsNode
 from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
 
@@ -15,7 +16,7 @@ NODES: list[type[io.ComfyNode]] = [
     OrbitCameras, LoadCameraTrajectory, EpipolarMask, PreviewEpipolarMask,
     LoadMultiviewImages, ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
     SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
-    Fit4DGaussians, Render4D, Save4D, Load4D,
+    Fit4DGaussians, Render4D, Save4D, Load4D, Preview4D,
 ]
 
 
