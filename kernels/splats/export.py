@@ -2,6 +2,8 @@
 
 - <base>.mv4d.safetensors   the lossless scene (MV4D Load 4D reads it back exactly);
 - <base>.splatv             for 4D web players (splaTV);
+- <base>.html               with the .splatv: a standalone page playing the scene in our player, from disk
+                            (player_page.py: the scene embedded in the page, exact, view-dependent colour included);
 - <base>_frames/frame_NNNN.ply   one INRIA .ply per frame time, the universal fallback;
 - <base>_tT.TTT.ply         optionally, a static .ply of one time.
 Gaussians fainter than 1/255 at a time are left out of that time's .ply.
@@ -18,6 +20,7 @@ import torch
 from ..errors import InvalidInput
 from ..files import atomic_folder
 from .model import GaussianFrame, Splats4D
+from .player_page import write_player_page
 from .ply import write_ply
 from .splatv import write_splatv
 from .storage import SUFFIX, save_splats4d
@@ -45,7 +48,7 @@ def export_scene(scene: Splats4D, base: Path, splatv: bool = True, ply_sequence:
     base = Path(base)
     gaussians = scene.gaussians.to("cpu")
     saved = SavedFiles()
-    total = 1 + int(splatv) + (len(scene.frame_times) if ply_sequence else 0) + int(static_time is not None)
+    total = 1 + 2 * int(splatv) + (len(scene.frame_times) if ply_sequence else 0) + int(static_time is not None)
     done = 0
 
     def tick() -> None:
@@ -62,6 +65,8 @@ def export_scene(scene: Splats4D, base: Path, splatv: bool = True, ply_sequence:
         path = base.with_name(base.name + ".splatv")
         saved.splatv_motion_error = write_splatv(path, gaussians, scene.cameras)
         saved.paths.append(path)
+        tick()
+        saved.paths.append(write_player_page(base.with_name(base.name + ".html"), scene, base.name))
         tick()
     if ply_sequence:
         folder = base.with_name(base.name + "_frames")

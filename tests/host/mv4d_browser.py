@@ -28,6 +28,9 @@ CHROMIUM_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
     "--disable-dev-shm-usage", "--mute-audio", "--remote-debugging-port=0",
+    # WebGL2 in software (SwiftShader through ANGLE) for the 4D player's tests: --disable-gpu keeps the GPU
+    # process off real hardware, and Chromium only falls back to SwiftShader for WebGL when told it may
+    "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
 )
 
 
@@ -110,6 +113,7 @@ class Chromium:
         self._session_id: str | None = None
         self._context_id: str | None = None
         self._requests: dict[str, str] = {}
+        self.requested: list[str] = []  # the URL of every request the page made, in order
         self._http = None
         self._socket = None
         self._reader = None
@@ -277,6 +281,7 @@ class Chromium:
             self.log.add(PageEvent("dialog", level, f"{params['type']}: {params.get('message', '')}", params.get("url", "")))
         elif method == "Network.requestWillBeSent":
             self._requests[params["requestId"]] = params["request"]["url"]
+            self.requested.append(params["request"]["url"])
         elif method == "Network.responseReceived" and params["response"]["status"] >= 400:
             response = params["response"]
             self.log.add(PageEvent("network", "error", f"HTTP {response['status']} {response.get('statusText', '')}".strip(),

@@ -99,7 +99,7 @@ def test_export_writes_every_file_whole_and_leaves_nothing_half_written(tmp_path
     scene = Splats4D(moving_gaussians(MotionConfig()), torch.linspace(0, 1, 5), None)
     saved = export_scene(scene, tmp_path / "scene_00001_", static_time=0.5)
     names = sorted(path.relative_to(tmp_path).as_posix() for path in saved.paths)
-    assert names == sorted(["scene_00001_.mv4d.safetensors", "scene_00001_.splatv", "scene_00001__t0.500.ply"]
+    assert names == sorted(["scene_00001_.mv4d.safetensors", "scene_00001_.splatv", "scene_00001_.html", "scene_00001__t0.500.ply"]
                            + [f"scene_00001__frames/frame_{i:04d}.ply" for i in range(5)])
     for index, time in enumerate(scene.frame_times.tolist()):
         assert PlyData.read(str(tmp_path / f"scene_00001__frames/frame_{index:04d}.ply"))["vertex"].count == \
@@ -114,7 +114,7 @@ def test_export_writes_every_file_whole_and_leaves_nothing_half_written(tmp_path
     with pytest.raises(Stop):
         export_scene(scene, tmp_path / "scene_00002_", on_file=stop_in_the_sequence)
     left = sorted(path.name for path in tmp_path.iterdir() if "00002" in path.name)
-    assert left == ["scene_00002_.mv4d.safetensors", "scene_00002_.splatv"]  # whole files only, no partial folder
+    assert left == ["scene_00002_.html", "scene_00002_.mv4d.safetensors", "scene_00002_.splatv"]  # whole files only, no partial folder
     assert load_splats4d(tmp_path / "scene_00002_.mv4d.safetensors").gaussians.count == 64
 
 
