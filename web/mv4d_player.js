@@ -543,7 +543,7 @@ class SplatRenderer {
 // -- the player: canvas, controls, render loop ------------------------------------------------------------------
 
 const STYLE = `
-.mv4d-player { position: relative; display: flex; flex-direction: column; width: 100%; height: 100%; min-height: 200px;
+.mv4d-player { outline: none; position: relative; display: flex; flex-direction: column; width: 100%; height: 100%; min-height: 200px;
   background: #202020; color: #ddd; font: 12px sans-serif; box-sizing: border-box; overflow: hidden; }
 .mv4d-player-view { position: relative; flex: 1 1 auto; min-height: 0; }
 .mv4d-player-view canvas { position: absolute; inset: 0; width: 100%; height: 100%; object-fit: contain; touch-action: none;
@@ -616,6 +616,11 @@ export class Mv4dPlayer {
 
     listen() {
         const stop = (event) => event.stopPropagation();  // the graph canvas must not pan or zoom under the player
+        // ComfyUI 1.47's Vue nodes forward the wheel to the graph unless it happens inside a focused element
+        // marked data-capture-wheel (as its own 3D viewer does): the player takes the focus on a click
+        this.root.tabIndex = -1;
+        this.root.dataset.captureWheel = "true";
+        this.root.addEventListener("pointerdown", () => this.root.focus({ preventScroll: true }), true);
         for (const type of ["pointerdown", "pointermove", "pointerup", "wheel", "contextmenu", "dblclick", "keydown"]) {
             this.root.addEventListener(type, stop);
         }
