@@ -252,6 +252,8 @@ function sortWorkerMain() {
         return table;
     }
 
+    // Everything sorting needs, stored in the order of importance (opacity x area, largest first), so that a
+    // budget keeps the most important Gaussians and each sort reads its arrays front to back.
     function prepare({ words, stride, fields, positionTerms, temporal }) {
         const half = halfTable();
         const count = words.length / stride;
@@ -260,75 +262,76 @@ function sortWorkerMain() {
             return half[i & 1 ? word >>> 16 : word & 0xffff];
         };
         const floats = new Float32Array(words.buffer, words.byteOffset, words.length);
-        const means = new Float32Array(3 * count);
-        const motion = new Float32Array(3 * positionTerms * count);
-        const logit = new Float32Array(count), centre = new Float32Array(count), width = new Float32Array(count);
         const importance = new Float32Array(count);
         for (let n = 0; n < count; n++) {
-            for (let c = 0; c < 3; c++) means[3 * n + c] = floats[n * stride + fields.means.offset + c];
-            for (let i = 0; i < 3 * positionTerms; i++) motion[3 * positionTerms * n + i] = halfAt(n, fields.position_motion, i);
-            logit[n] = halfAt(n, fields.opacity, 0);
-            if (temporal) {
-                centre[n] = halfAt(n, fields.opacity, 1);
-                width[n] = Math.exp(halfAt(n, fields.opacity, 2));
-            }
             const logScales = halfAt(n, fields.log_scales, 0) + halfAt(n, fields.log_scales, 1) + halfAt(n, fields.log_scales, 2);
-            importance[n] = Math.exp((2 / 3) * logScales) / (1 + Math.exp(-logit[n]));  // opacity x area
+            importance[n] = Math.exp((2 / 3) * logScales) / (1 + Math.exp(-halfAt(n, fields.opacity, 0)));
         }
         const rank = new Uint32Array(count).map((_, n) => n).sort((a, b) => importance[b] - importance[a]);
+        const terms = positionTerms;
+        const means = new Float32Array(3 * count), motion = new Float32Array(3 * terms * count);
+        const opacity = new Float32Array(count), centre = new Float32Array(count), inverseWidth = new Float32Array(count);
+        for (let i = 0; i < count; i++) {
+            const n = rank[i];
+            for (let c = 0; c < 3; c++) means[3 * i + c] = floats[n * stride + fields.means.offset + c];
+            for (let j = 0; j < 3 * terms; j++) motion[3 * terms * i + j] = halfAt(n, fields.position_motion, j);
+            opacity[i] = 1 / (1 + Math.exp(-halfAt(n, fields.opacity, 0)));
+            if (temporal) {
+                centre[i] = halfAt(n, fields.opacity, 1);
+                inverseWidth[i] = Math.exp(-halfAt(n, fields.opacity, 2));
+            }
+        }
         const depths = new Float32Array(count);
         return {
-            count, positionTerms, temporal, means, motion, logit, centre, width, rank,
+            count, terms, temporal, rank, means, motion, opacity, centre, inverseWidth,
             depths, keys: new Uint32Array(depths.buffer), ids: new Uint32Array(count),
             spareKeys: new Uint32Array(count), spareIds: new Uint32Array(count), counts: new Uint32Array(65536),
         };
     }
 
     // ids of the Gaussians in front of the camera and visible at the time, far to near: an LSD radix sort on
-    // the float bits of the depth (positive floats order as their bits), two passes of 16 bits.
+    // the float bits of the depth (positive floats order as their bits), two passes of 16 bits. With a budget,
+    // the first `budget` such Gaussians in order of importance (complete: false when the budget cut the list).
     function sort({ id, row, basis, time, budget }) {
         const started = performance.now();
         const s = scene;
         const [r0, r1, r2, tz] = row;
-        const terms = s.positionTerms;
-        let drawn = 0, visible = 0;
-        for (let i = 0; i < s.count; i++) {
-            const n = s.rank[i];
-            let opacity = 1 / (1 + Math.exp(-s.logit[n]));
+        const terms = s.terms, means = s.means, motion = s.motion;
+        // the depth of each motion term along the camera's axis: depth = r . mean + sum_k basis_k (r . motion_k)
+        let drawn = 0, i = 0;
+        const limit = budget ? Math.min(budget, s.count) : s.count;
+        for (; i < s.count && drawn < limit; i++) {
+            let opacity = s.opacity[i];
             if (s.temporal) {
-                const offset = (time - s.centre[n]) / s.width[n];
+                const offset = (time - s.centre[i]) * s.inverseWidth[i];
                 opacity *= Math.exp(-0.5 * offset * offset);
             }
             if (opacity < MIN_OPACITY) continue;
-            let x = s.means[3 * n], y = s.means[3 * n + 1], z = s.means[3 * n + 2];
-            for (let k = 0, m = 3 * terms * n; k < terms; k++, m += 3) {
-                x += basis[k] * s.motion[m];
-                y += basis[k] * s.motion[m + 1];
-                z += basis[k] * s.motion[m + 2];
+            let depth = r0 * means[3 * i] + r1 * means[3 * i + 1] + r2 * means[3 * i + 2] + tz;
+            for (let k = 0, m = 3 * terms * i; k < terms; k++, m += 3) {
+                depth += basis[k] * (r0 * motion[m] + r1 * motion[m + 1] + r2 * motion[m + 2]);
             }
-            const depth = r0 * x + r1 * y + r2 * z + tz;
             if (!(depth > MIN_DEPTH)) continue;
-            visible++;
-            if (budget && drawn >= budget) continue;
             s.depths[drawn] = depth;
-            s.ids[drawn++] = n;
+            s.ids[drawn++] = s.rank[i];
         }
+        const complete = i >= s.count;
         let keys = s.keys, ids = s.ids, spareKeys = s.spareKeys, spareIds = s.spareIds;
-        for (let i = 0; i < drawn; i++) keys[i] = ~keys[i] >>> 0;  // descending depth
+        for (let j = 0; j < drawn; j++) keys[j] = ~keys[j] >>> 0;  // descending depth
         for (let shift = 0; shift < 32; shift += 16) {
             const counts = s.counts.fill(0);
-            for (let i = 0; i < drawn; i++) counts[(keys[i] >>> shift) & 0xffff]++;
+            for (let j = 0; j < drawn; j++) counts[(keys[j] >>> shift) & 0xffff]++;
             for (let b = 0, sum = 0; b < 65536; b++) { const c = counts[b]; counts[b] = sum; sum += c; }
-            for (let i = 0; i < drawn; i++) {
-                const slot = counts[(keys[i] >>> shift) & 0xffff]++;
-                spareKeys[slot] = keys[i];
-                spareIds[slot] = ids[i];
+            for (let j = 0; j < drawn; j++) {
+                const slot = counts[(keys[j] >>> shift) & 0xffff]++;
+                spareKeys[slot] = keys[j];
+                spareIds[slot] = ids[j];
             }
             [keys, spareKeys] = [spareKeys, keys];
             [ids, spareIds] = [spareIds, ids];
         }
         const order = ids.slice(0, drawn);  // two passes: the result is back in s.ids
-        return { type: "order", id, order, drawn, visible, ms: performance.now() - started };
+        return { type: "order", id, order, drawn, complete, ms: performance.now() - started };
     }
 
     self.onmessage = ({ data }) => {
@@ -585,7 +588,7 @@ export class Mv4dPlayer {
         this.view = element("div", { className: "mv4d-player-view" }, [this.canvas, this.message]);
         this.controls = this.buildControls();
         root.append(this.view, this.controls);
-        this.state = { status: "empty", error: null, frame: 0, frames: 0, playing: false, drawn: 0, visible: 0, count: 0, sortMs: null, sorts: 0 };
+        this.state = { status: "empty", error: null, frame: 0, frames: 0, playing: false, drawn: 0, budgetFull: false, count: 0, sortMs: null, sorts: 0 };
         this.exact = null;  // {fx, fy, cx, cy, width, height} when a camera with its own intrinsics was set
         this.sortRequested = null;  // the key of the sort in flight
         this.sortedKey = null;  // the key of the order on the GPU
@@ -715,8 +718,11 @@ export class Mv4dPlayer {
 
     // Show a .mv4dweb file already in memory (the standalone page embeds one).
     loadBuffer(buffer, name = "") {
+        const previousCameras = this.header ? JSON.stringify(this.header.cameras?.[0]) : undefined;
+        let header;
         try {
-            const { header, words } = parsePlayerFile(buffer);
+            let words;
+            ({ header, words } = parsePlayerFile(buffer));
             this.renderer ??= new SplatRenderer(this.canvas);
             this.renderer.setScene(header, words);
             this.header = header;
@@ -733,8 +739,9 @@ export class Mv4dPlayer {
         this.fps = this.header.fps || 12;
         this.fpsInput.value = String(this.fps);
         this.background = this.header.background ?? [1, 1, 1];
-        this.exact = null;
-        this.resetView();
+        // a new result of the same scene (same first camera) keeps the view the user chose
+        const sameRig = previousCameras !== undefined && JSON.stringify(header.cameras?.[0]) === previousCameras;
+        if (!sameRig || !this.camera) this.resetView();
         this.showMessage("");
         this.setFrame(0);
     }
@@ -841,27 +848,37 @@ export class Mv4dPlayer {
         if (!this.worker || this.sortRequested !== null || !this.camera) return;
         const key = this.sortKey();
         if (key === this.sortedKey || now - this.lastSortAt < this.options.sortIntervalMs) return;
-        const pose = this.camera.pose();
-        const time = this.time();
         this.sortRequested = key;
         this.lastSortAt = now;
-        this.worker.postMessage({
-            type: "sort", id: key, row: [...pose.rotation.slice(6, 9), pose.translation[2]],
-            basis: timeBasis(this.header.motion, time).position, time, budget: this.options.maxGaussians,
-        });
+        this.worker.postMessage(this.sortMessage(key));
     }
 
-    receiveOrder({ id, order, drawn, visible, ms }) {
+    // What the worker needs for the current camera and frame: the depth row of the camera, the motion basis.
+    sortMessage(id) {
+        const pose = this.camera.pose();
+        const time = this.time();
+        return {
+            type: "sort", id, row: [...pose.rotation.slice(6, 9), pose.translation[2]],
+            basis: timeBasis(this.header.motion, time).position, time, budget: this.options.maxGaussians,
+        };
+    }
+
+    receiveOrder({ id, order, drawn, complete, ms }) {
         this.sortRequested = null;
         if (!this.renderer || this.state.status !== "ready") return;
         this.renderer.setOrder(order, drawn);
         this.sortedKey = id;
-        Object.assign(this.state, { drawn, visible, sortMs: ms, sorts: this.state.sorts + 1 });
+        Object.assign(this.state, { drawn, budgetFull: !complete, sortMs: ms, sorts: this.state.sorts + 1 });
         this.touch();
     }
 
+    // Something the picture depends on changed: draw at the next animation frame.
     touch() {
         this.dirty = true;
+        this.schedule();
+    }
+
+    schedule() {
         if (!this.frameRequested && !this.destroyed) {
             this.frameRequested = true;
             requestAnimationFrame((now) => this.tick(now));
@@ -884,7 +901,7 @@ export class Mv4dPlayer {
         }
         this.requestSort(now);
         if (this.dirty) this.draw(now);
-        if (this.state.playing || this.sortedKey !== this.sortKey()) this.touch();
+        if (this.state.playing || this.sortedKey !== this.sortKey()) this.schedule();  // a sort to request or to wait for
     }
 
     draw(now = performance.now()) {
@@ -897,7 +914,7 @@ export class Mv4dPlayer {
         this.frameLabel.textContent = `frame ${this.state.frame + 1} / ${this.state.frames} · t ${time.toFixed(3)}`;
         const s = this.state;
         const sort = s.sortMs === null ? "" : ` · sort ${s.sortMs.toFixed(1)} ms`;
-        const budget = s.visible > s.drawn ? ` of ${s.visible.toLocaleString("en")} visible` : "";
+        const budget = s.budgetFull ? ", the budget" : "";
         this.stats.textContent = `${s.drawn.toLocaleString("en")} Gaussians drawn${budget} (${s.count.toLocaleString("en")} in all)${sort}`;
     }
 

@@ -99,8 +99,10 @@ class Chromium:
     `self.log`, so a test can take `mark()` before an action and look at `since(mark)` after it.
     """
 
-    def __init__(self, executable: str, width: int = 1600, height: int = 1000, start_timeout: float = 60):
+    def __init__(self, executable: str, width: int = 1600, height: int = 1000, start_timeout: float = 60,
+                 extra_flags: tuple[str, ...] = ()):
         self.executable = executable
+        self.extra_flags = tuple(extra_flags)
         self.width, self.height = width, height
         self.start_timeout = start_timeout
         self.log = EventLog()
@@ -133,7 +135,7 @@ class Chromium:
     def start(self) -> None:
         self._profile = tempfile.mkdtemp(prefix="mv4d-chromium-")
         stderr = open(Path(self._profile) / "chromium-stderr.log", "wb")
-        command = [self.executable, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile}",
+        command = [self.executable, *CHROMIUM_FLAGS, *self.extra_flags, f"--user-data-dir={self._profile}",
                    f"--window-size={self.width},{self.height}", "about:blank"]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                         start_new_session=True)

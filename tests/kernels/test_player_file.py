@@ -2,7 +2,6 @@
 enough to draw it, and damaged files are refused with a reason. (The player itself runs in tests/host.)"""
 
 import base64
-import json
 import re
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 from mv4d.kernels.cameras import orbit_rig
 from mv4d.kernels.errors import InvalidInput
-from mv4d.kernels.splats.model import DynamicGaussians, MotionConfig, Splats4D, new_gaussians
+from mv4d.kernels.splats.model import MotionConfig, Splats4D, new_gaussians
 from mv4d.kernels.splats.player_file import (MAGIC, decode_player_file, encode_player_file, field_layout, record_stride,
                                              write_player_file)
 from mv4d.kernels.splats.player_page import PLAYER_SOURCE, player_page
