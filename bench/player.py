@@ -4,7 +4,9 @@ A random dynamic scene (default motion model: cubic + 2 Fourier terms, rotation,
 of --gaussians Gaussians and --frames frames, seen from a 21-view orbit at --size px, goes into a standalone
 page (the player as MV4D Save 4D writes it) opened from file://. Reported as one JSON line:
 
-- file and page sizes; load time (base64 decode, parsing, texture upload, the worker's preparation and first sort);
+- file and page sizes; from opening the page: the scene parsed and on the GPU (page_ready_s: reading the page,
+  base64, parsing, texture upload), the first depth order back from the worker (first_sort_s: its preparation
+  and first sort), the first picture finished (first_picture_s, as the test machine sees it: one software draw);
 - the worker's sort time (depth and opacity at the time for every Gaussian, culling, radix sort), per frame
   while playing through every frame and per step while orbiting, median and max, with every Gaussian drawn and
   with the --budget;
@@ -109,7 +111,8 @@ def measure(browser: Chromium, page: Path, frames: int, budget: int, draws: int)
         raise RuntimeError(f"the player failed: {state['error']}")
     sorts = browser.evaluate(SORT_TIMES % frames, timeout=1200)
     draw = browser.evaluate(DRAW_TIMES % draws, timeout=1200)
-    return {"load_s": round(load_s, 2), "drawn": sorts["drawn"],
+    return {"page_ready_s": round(state["readyAt"] / 1000, 2), "first_sort_s": round(state["firstOrderAt"] / 1000, 2),
+            "first_picture_s": round(load_s, 2), "drawn": sorts["drawn"],
             "sort_playing": summary(sorts["playing"]), "sort_orbiting": summary(sorts["orbiting"]),
             "draw_swiftshader": summary(draw)}
 

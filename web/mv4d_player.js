@@ -733,7 +733,8 @@ export class Mv4dPlayer {
             return;
         }
         const frames = Math.max(this.header.frame_times.length, 1);
-        Object.assign(this.state, { status: "ready", error: null, frames, frame: 0, count: this.header.count, sorts: 0 });
+        Object.assign(this.state, { status: "ready", error: null, frames, frame: 0, count: this.header.count, sorts: 0,
+            readyAt: performance.now(), firstOrderAt: null });
         this.slider.max = String(frames - 1);
         this.slider.disabled = this.playButton.disabled = frames < 2;
         this.fps = this.header.fps || 12;
@@ -869,6 +870,7 @@ export class Mv4dPlayer {
         this.renderer.setOrder(order, drawn);
         this.sortedKey = id;
         Object.assign(this.state, { drawn, budgetFull: !complete, sortMs: ms, sorts: this.state.sorts + 1 });
+        this.state.firstOrderAt ??= performance.now();
         this.touch();
     }
 
