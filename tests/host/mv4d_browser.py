@@ -51,6 +51,15 @@ class CDPError(RuntimeError):
 
 
 @dataclass
+class PageRequest:
+    """A request the page made: its URL and the script that made it (the innermost script URL on the initiator's
+    stack, or the initiating document; '' when Chromium names none)."""
+
+    url: str
+    initiator: str
+
+
+@dataclass
 class PageEvent:
     """One thing the page reported that a test may want to see: a console message, an uncaught exception, a
     browser log entry, a failed request or a JavaScript dialog. `kind` is 'console', 'exception', 'log', 'network'
@@ -115,7 +124,7 @@ class Chromium:
         self._session_id: str | None = None
         self._context_id: str | None = None
         self._requests: dict[str, str] = {}
-        self.requested: list[str] = []  # the URL of every request the page made, in order
+        self.requested: list[PageRequest] = []  # every request the page made, in order
         self._http = None
         self._socket = None
         self._reader = None
@@ -283,7 +292,9 @@ class Chromium:
             self.log.add(PageEvent("dialog", level, f"{params['type']}: {params.get('message', '')}", params.get("url", "")))
         elif method == "Network.requestWillBeSent":
             self._requests[params["requestId"]] = params["request"]["url"]
-            self.requested.append(params["request"]["url"])
+            initiator = params.get("initiator") or {}
+            frames = [frame for frame in (initiator.get("stack") or {}).get("callFrames", []) if frame.get("url")]
+            self.requested.append(PageRequest(params["request"]["url"], frames[0]["url"] if frames else initiator.get("url", "")))
         elif method == "Network.responseReceived" and params["response"]["status"] >= 400:
             response = params["response"]
             self.log.add(PageEvent("network", "error", f"HTTP {response['status']} {response.get('statusText', '')}".strip(),
