@@ -636,6 +636,11 @@ export class Mv4dPlayer {
 
         let drag = null;
         this.canvas.addEventListener("contextmenu", (event) => event.preventDefault());
+        this.canvas.addEventListener("webglcontextlost", (event) => {
+            event.preventDefault();
+            this.fail(new PlayerFileError("The browser took the player's WebGL context back (too many WebGL views, or the GPU " +
+                "was reset). Run the workflow again, or reload the page."));
+        });
         this.canvas.addEventListener("pointerdown", (event) => {
             if (!this.camera) return;
             this.canvas.setPointerCapture(event.pointerId);

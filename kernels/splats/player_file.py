@@ -1,6 +1,6 @@
 """`.mv4dweb`, the file our web player (web/mv4d_player.js) plays: the dynamic Gaussians themselves, their
-motion model unchanged, so the player shows exactly what `render()` shows at any time (Fourier motion and
-view-dependent colour included, which .splatv cannot hold).
+motion model unchanged, so the player draws what `render()` draws at any time, up to half precision (Fourier
+motion and view-dependent colour included, which .splatv cannot hold).
 
 Layout (little-endian):
 
