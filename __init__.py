@@ -5,7 +5,7 @@ Importing this package loads nothing heavy and never needs ComfyUI: the node cla
 `comfy_entrypoint`, which only ComfyUI calls. `kernels/` is plain PyTorch usable anywhere.
 """
 
-WEB_DIRECTORY = None  # no front-end code yet
+WEB_DIRECTORY = "./web"  # the 4D player (web/mv4d_player.js) and its node widget (web/mv4d_preview.js)
 
 
 async def comfy_entrypoint():

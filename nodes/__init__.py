@@ -10,6 +10,7 @@ from .load_multiview import LoadMultiviewImages
 from .motion import ApplyCameraControl, ApplyMotionModule, LoadCameraCtrl, LoadMotionModule
 from .multiview import ImageDreamConditioning, LoadMultiviewModel, MultiviewConditioning
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
+from .preview_4d import Preview4D
 from .speed import Fp8MatmulsNode
 from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
 
@@ -19,7 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMultiviewModel, MultiviewConditioning, ImageDreamConditioning,
     LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl,
     SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
-    Fit4DGaussians, Render4D, Save4D, Load4D,
+    Fit4DGaussians, Render4D, Save4D, Load4D, Preview4D,
 ]
 
 

@@ -2,6 +2,8 @@
 
 - <base>.mv4d.safetensors   the lossless scene (MV4D Load 4D reads it back exactly);
 - <base>.splatv             for 4D web players (splaTV);
+- <base>.html               with the .splatv: a standalone page playing the scene in our player, from disk
+                            (player_page.py: the scene embedded in the page, exact, view-dependent colour included);
 - <base>_frames/frame_NNNN.ply   one INRIA .ply per frame time, the universal fallback;
 - <base>_tT.TTT.ply         optionally, a static .ply of one time.
 Gaussians fainter than 1/255 at a time are left out of that time's .ply (a time where none is visible gets a
@@ -19,6 +21,7 @@ import torch
 from ..errors import InvalidInput
 from ..files import atomic_file_set
 from .model import GaussianFrame, Splats4D
+from .player_page import write_player_page
 from .ply import write_ply
 from .splatv import write_splatv
 from .storage import SUFFIX, save_splats4d
@@ -47,7 +50,7 @@ def export_scene(scene: Splats4D, base: Path, splatv: bool = True, ply_sequence:
     base = Path(base)
     gaussians = scene.gaussians.to("cpu")
     saved = SavedFiles()
-    total = 1 + int(splatv) + (len(scene.frame_times) if ply_sequence else 0) + int(static_time is not None)
+    total = 1 + 2 * int(splatv) + (len(scene.frame_times) if ply_sequence else 0) + int(static_time is not None)
     done = 0
 
     def tick() -> None:
@@ -63,6 +66,9 @@ def export_scene(scene: Splats4D, base: Path, splatv: bool = True, ply_sequence:
         if splatv:
             saved.splatv_motion_error = write_splatv(staged.path(base.name + ".splatv"), gaussians, scene.cameras)
             saved.paths.append(base.with_name(base.name + ".splatv"))
+            tick()
+            write_player_page(staged.path(base.name + ".html"), scene, base.name)  # opens from disk: the player
+            saved.paths.append(base.with_name(base.name + ".html"))
             tick()
         if ply_sequence:
             folder = staged.path(base.name + "_frames")

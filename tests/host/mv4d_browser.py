@@ -28,6 +28,9 @@ CHROMIUM_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
     "--disable-dev-shm-usage", "--mute-audio", "--remote-debugging-port=0",
+    # WebGL2 in software (SwiftShader through ANGLE) for the 4D player's tests: --disable-gpu keeps the GPU
+    # process off real hardware, and Chromium only falls back to SwiftShader for WebGL when told it may
+    "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
 )
 
 
@@ -45,6 +48,15 @@ def find_chromium() -> str | None:
 
 class CDPError(RuntimeError):
     pass
+
+
+@dataclass
+class PageRequest:
+    """A request the page made: its URL and the script that made it (the innermost script URL on the initiator's
+    stack, or the initiating document; '' when Chromium names none)."""
+
+    url: str
+    initiator: str
 
 
 @dataclass
@@ -96,8 +108,10 @@ class Chromium:
     `self.log`, so a test can take `mark()` before an action and look at `since(mark)` after it.
     """
 
-    def __init__(self, executable: str, width: int = 1600, height: int = 1000, start_timeout: float = 60):
+    def __init__(self, executable: str, width: int = 1600, height: int = 1000, start_timeout: float = 60,
+                 extra_flags: tuple[str, ...] = ()):
         self.executable = executable
+        self.extra_flags = tuple(extra_flags)
         self.width, self.height = width, height
         self.start_timeout = start_timeout
         self.log = EventLog()
@@ -110,6 +124,7 @@ class Chromium:
         self._session_id: str | None = None
         self._context_id: str | None = None
         self._requests: dict[str, str] = {}
+        self.requested: list[PageRequest] = []  # every request the page made, in order
         self._http = None
         self._socket = None
         self._reader = None
@@ -129,7 +144,7 @@ class Chromium:
     def start(self) -> None:
         self._profile = tempfile.mkdtemp(prefix="mv4d-chromium-")
         stderr = open(Path(self._profile) / "chromium-stderr.log", "wb")
-        command = [self.executable, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile}",
+        command = [self.executable, *CHROMIUM_FLAGS, *self.extra_flags, f"--user-data-dir={self._profile}",
                    f"--window-size={self.width},{self.height}", "about:blank"]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                         start_new_session=True)
@@ -277,6 +292,9 @@ class Chromium:
             self.log.add(PageEvent("dialog", level, f"{params['type']}: {params.get('message', '')}", params.get("url", "")))
         elif method == "Network.requestWillBeSent":
             self._requests[params["requestId"]] = params["request"]["url"]
+            initiator = params.get("initiator") or {}
+            frames = [frame for frame in (initiator.get("stack") or {}).get("callFrames", []) if frame.get("url")]
+            self.requested.append(PageRequest(params["request"]["url"], frames[0]["url"] if frames else initiator.get("url", "")))
         elif method == "Network.responseReceived" and params["response"]["status"] >= 400:
             response = params["response"]
             self.log.add(PageEvent("network", "error", f"HTTP {response['status']} {response.get('statusText', '')}".strip(),

@@ -33,6 +33,7 @@ EXPECTED_NODES = {
     "MV4D_Render4D": "MV4D Render 4D",
     "MV4D_Save4D": "MV4D Save 4D",
     "MV4D_Load4D": "MV4D Load 4D",
+    "MV4D_Preview4D": "MV4D Preview 4D",
 }
 
 

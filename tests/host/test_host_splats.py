@@ -74,7 +74,7 @@ def test_save_then_load_both_formats(comfy, mv4d_nodes, fitted):
                      ply_sequence=True, static_ply=True, static_time=0.25).ui
     output = Path(comfy.get_output_directory())
     files = [output / item["subfolder"] / item["filename"] for item in saved["files"]]
-    assert len(files) == 1 + 1 + 3 + 1 and all(path.is_file() and path.stat().st_size > 0 for path in files)
+    assert len(files) == 1 + 2 + 3 + 1 and all(path.is_file() and path.stat().st_size > 0 for path in files)
     assert not list(output.rglob("*.partial-*"))
     options = mv4d_nodes.Load4D.GET_SCHEMA().inputs[0].options
     lossless = next(o for o in options if o.startswith("mv4d_tests/scene") and ".mv4d.safetensors" in o)

@@ -99,7 +99,7 @@ def test_export_writes_every_file_whole_and_leaves_nothing_half_written(tmp_path
     scene = Splats4D(moving_gaussians(MotionConfig()), torch.linspace(0, 1, 5), None)
     saved = export_scene(scene, tmp_path / "scene_00001_", static_time=0.5)
     names = sorted(path.relative_to(tmp_path).as_posix() for path in saved.paths)
-    assert names == sorted(["scene_00001_.mv4d.safetensors", "scene_00001_.splatv", "scene_00001__t0.500.ply"]
+    assert names == sorted(["scene_00001_.mv4d.safetensors", "scene_00001_.splatv", "scene_00001_.html", "scene_00001__t0.500.ply"]
                            + [f"scene_00001__frames/frame_{i:04d}.ply" for i in range(5)])
     assert all(path.is_file() for path in saved.paths)
     for index, time in enumerate(scene.frame_times.tolist()):
@@ -115,7 +115,7 @@ def test_export_writes_every_file_whole_and_leaves_nothing_half_written(tmp_path
     with pytest.raises(Stop):  # an interrupt (or any error) half way through the set leaves none of it
         export_scene(scene, tmp_path / "scene_00002_", on_file=stop_in_the_sequence)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["scene_00001_.mv4d.safetensors", "scene_00001_.splatv",
-                                                                       "scene_00001__t0.500.ply", "scene_00001__frames"])
+                                                                       "scene_00001_.html", "scene_00001__t0.500.ply", "scene_00001__frames"])
 
 
 def test_frames_where_no_gaussian_is_visible_save_as_empty_plys(tmp_path):
