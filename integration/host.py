@@ -49,7 +49,8 @@ def progress(every: int = 1) -> Callable[[int, int], None]:
 
 # ComfyUI/models/<folder> of the files our loaders list: LPIPS weights (vgg16 backbone, LPIPS v0.1 heads); motion
 # modules and CameraCtrl (the folder AnimateDiff-Evolved uses, so its users' files are found).
-MODEL_FOLDERS = (LPIPS_FOLDER, "animatediff_models")
+# mv4d_adapters: alignment adapters trained with MV4D Train Alignment Adapters (Vivid-ZOO).
+MODEL_FOLDERS = (LPIPS_FOLDER, "animatediff_models", "mv4d_adapters")
 
 
 def register_model_folders() -> None:

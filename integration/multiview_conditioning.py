@@ -5,11 +5,14 @@ pixel-controller view last."""
 
 from __future__ import annotations
 
+import logging
+
 import comfy.utils
 import torch
 
 from ..kernels.cameras import CameraRig, mvdream_cameras, orbit_rig
 from ..kernels.grid import Grid
+from ..kernels.models.alignment import setting_warnings
 from ..kernels.models.multiview import FAMILIES
 from .grid_latent import grid_latent
 from .node_errors import input_error, kernel_errors_as_node_errors
@@ -37,6 +40,18 @@ def checked_family(node: str, model, image_prompt: bool) -> str:
     return family
 
 
+def warn_untrained_setting(node: str, model, grid: Grid, resolution: int) -> list[str]:
+    """Alignment adapters apply to any views x frames and size (their layers are per token), but were trained for
+    one: say so, in the console, when this sampling differs (a warning, not a refusal: nothing breaks)."""
+    from .patches.alignment import alignment_adapters_of
+
+    adapters = alignment_adapters_of(model)
+    warnings = [] if adapters is None else setting_warnings(adapters.info, grid.views, grid.frames, resolution)
+    for warning in warnings:
+        logging.warning("%s: %s", node, warning)
+    return warnings
+
+
 def check_views(node: str, cameras: CameraRig, pixel_controller: bool) -> None:
     if pixel_controller and len(cameras) % 4:
         raise input_error(node, "cameras", f"{len(cameras)} views: ImageDream's pixel controller was trained with "
@@ -53,6 +68,7 @@ def multiview_conditioning(node: str, model, positive, negative, cameras: Camera
     checked_family(node, model, image_prompt=False)
     check_views(node, cameras, pixel_controller=False)
     grid = Grid(len(cameras), frames)
+    warn_untrained_setting(node, model, grid, max(cameras.height, cameras.width))
     with kernel_errors_as_node_errors(node):
         embedded = grid.per_view(mvdream_cameras(cameras))
     values = {"camera": embedded, "grid": grid, "source": node}

@@ -7,6 +7,7 @@ from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, R
 from .epipolar import EpipolarMask, PreviewEpipolarMask
 from ..integration.host import register_model_folders
 from .load_multiview import LoadMultiviewImages
+from .alignment import ApplyAlignmentAdapters, LoadAlignmentAdapters, MakeDemoTrainingSet, TrainAlignmentAdapters
 from .motion import ApplyCameraControl, ApplyMotionModule, LoadCameraCtrl, LoadMotionModule
 from .multiview import ImageDreamConditioning, LoadMultiviewModel, MultiviewConditioning
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
@@ -19,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMultiviewImages, ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
     LoadMultiviewModel, MultiviewConditioning, ImageDreamConditioning,
     LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl,
+    LoadAlignmentAdapters, ApplyAlignmentAdapters, TrainAlignmentAdapters, MakeDemoTrainingSet,
     SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
     Fit4DGaussians, Render4D, Save4D, Load4D, Preview4D,
 ]

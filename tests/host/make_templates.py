@@ -71,6 +71,28 @@ NOTES["text_to_video_cameractrl"] = [
     "frames at 256 x 384; its pose encoder holds at most 16 frames.",
 ]
 
+NOTES["vividzoo_text_to_4d"] = [
+    "## Text -> multi-view video -> 4D (Vivid-ZOO)\n\nMVDream 1.5 (4 views, multi-view attention, camera per view) + AnimateDiff "
+    "v2 (temporal attention per view) in one UNet call over the 4 x 16 grid, joined by Vivid-ZOO's alignment layers. "
+    "Vivid-ZOO released no weights: with no adapters connected they are zero (the naive composition); train your own "
+    "with the vividzoo_train_adapters workflow and connect MV4D Load Alignment Adapters. Then a 4D Gaussian fit, "
+    "turntable and .splatv.",
+    "## Model files\n\n`sd-v1.5-4view.pt` (huggingface.co/MVDream/MVDream) in `models/checkpoints/`; `mm_sd_v15_v2.ckpt` "
+    "(huggingface.co/guoyww/animatediff) in `models/animatediff_models/`; your adapters in `models/mv4d_adapters/`.",
+    "## Smaller GPUs\n\n4 views x 16 frames at 256 px is one UNet call of 128 images with CFG (bench/RESULTS.md has the "
+    "memory): lower `frames` (8) or `views` first.",
+]
+NOTES["vividzoo_train_adapters"] = [
+    "## Train alignment adapters on demo data (Vivid-ZOO)\n\nMV4D Make Demo Training Set renders the pack's synthetic "
+    "scene from random orbits (no dataset needed); MV4D Train Alignment Adapters trains only the alignment layers "
+    "(MVDream and AnimateDiff stay frozen), writes models/mv4d_adapters/vividzoo_demo.safetensors every 100 steps, and "
+    "the result samples a multi-view video. Your own data: a folder of *.mv4d_clip.safetensors clips (README).",
+    "## Model files\n\nAs vividzoo_text_to_4d: `sd-v1.5-4view.pt` in `models/checkpoints/`, `mm_sd_v15_v2.ckpt` in "
+    "`models/animatediff_models/`.",
+    "## Smaller GPUs\n\nTraining keeps the 128-image grid's activations for the backward pass: gradient checkpointing "
+    "(on here) trades time for memory; lower `frames` to fit. For long runs use `mv4d-train-adapters` (README).",
+]
+
 # Where the models our loaders name come from (ComfyUI model metadata: the frontend offers them when missing).
 MODEL_PAGES = {
     "sd-v2.1-base-4view.pt": "https://huggingface.co/MVDream/MVDream/resolve/main/sd-v2.1-base-4view.pt",
@@ -79,6 +101,7 @@ MODEL_PAGES = {
     "v1-5-pruned-emaonly-fp16.safetensors": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
     "v3_sd15_mm.ckpt": "https://huggingface.co/guoyww/animatediff/resolve/main/v3_sd15_mm.ckpt",
     "mm_sd_v15_v2.ckpt": "https://huggingface.co/guoyww/animatediff/resolve/main/mm_sd_v15_v2.ckpt",
+    "sd-v1.5-4view.pt": "https://huggingface.co/MVDream/MVDream/resolve/main/sd-v1.5-4view.pt",
     "CameraCtrl.ckpt": "https://huggingface.co/hehao13/CameraCtrl/resolve/main/CameraCtrl.ckpt",
 }
 LOADER_INPUTS = {"MV4D_LoadMultiviewModel": ("ckpt_name", "checkpoints"), "ImageOnlyCheckpointLoader": ("ckpt_name", "checkpoints"),

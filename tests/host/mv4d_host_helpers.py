@@ -93,6 +93,11 @@ def load_api_workflow(name: str) -> dict:
 # What a CPU test machine runs instead of the paper setting, by the titles of the workflows' PrimitiveInt boxes.
 TINY_SETTING = {"views": 4, "frames": 3, "size": 64, "steps": 3}
 TINY_FIT = {"iterations": 20, "initial_gaussians": 500, "max_gaussians": 4000}
+TINY_NODE_SETTINGS = {  # per node type, what a CPU test machine runs instead
+    "MV4D_Fit4DGaussians": TINY_FIT,
+    "MV4D_MakeDemoTrainingSet": {"clips": 2},
+    "MV4D_TrainAlignmentAdapters": {"steps": 2, "checkpoint_every": 1},
+}
 
 
 TINY_LOADERS = {"ImageOnlyCheckpointLoader", "MV4D_LoadMultiviewModel", "CheckpointLoaderSimple", "MV4D_LoadMotionModule",
@@ -133,8 +138,8 @@ def on_tiny_models(prompt: dict) -> dict:
             node["class_type"], node["inputs"] = "MV4DTest_TinyCameraCtrl", {}
         elif kind == "PrimitiveInt" and title in TINY_SETTING:
             inputs["value"] = TINY_SETTING[title]
-        elif kind == "MV4D_Fit4DGaussians":
-            inputs.update(TINY_FIT)
+        elif kind in TINY_NODE_SETTINGS:
+            inputs.update(TINY_NODE_SETTINGS[kind])
     return prompt
 
 
@@ -238,7 +243,11 @@ def start_test_server(host: Path, base: Path, start_timeout: float = 180) -> Ser
     write_input_video(base / "input" / "mv4d_input.mp4")
     write_input_views(base / "input" / "mv4d_views")
     paths = base / "extra_model_paths.yaml"
-    paths.write_text(f"mv4d_tests:\n  base_path: {base}\n  custom_nodes: custom_nodes\n")
+    # the folders our loaders and trainer use, inside the test's own tree (never the host's models/)
+    paths.write_text(f"mv4d_tests:\n  base_path: {base}\n  custom_nodes: custom_nodes\n  mv4d_adapters: models/mv4d_adapters\n"
+                     "  animatediff_models: models/animatediff_models\n")
+    (base / "models" / "mv4d_adapters").mkdir(parents=True)
+    (base / "models" / "animatediff_models").mkdir()
     port = free_port()
     command = [
         sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),

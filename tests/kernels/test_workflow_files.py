@@ -18,6 +18,7 @@ CHECKPOINT_PAGES = {"svd_xt.safetensors": "https://huggingface.co/stabilityai/st
                     "sd-v2.1-base-4view-ipmv.pt": "https://huggingface.co/Peng-Wang/ImageDream/",
                     "v1-5-pruned-emaonly-fp16.safetensors": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/",
                     "v3_sd15_mm.ckpt": "https://huggingface.co/guoyww/animatediff/",
+                    "mm_sd_v15_v2.ckpt": "https://huggingface.co/guoyww/animatediff/",
                     "CameraCtrl.ckpt": "https://huggingface.co/hehao13/CameraCtrl/"}
 # loader node -> the folder of the file its first widget names
 LOADERS = {"ImageOnlyCheckpointLoader": "checkpoints", "MV4D_LoadMultiviewModel": "checkpoints", "CheckpointLoaderSimple": "checkpoints",
@@ -34,7 +35,7 @@ def api(name: str) -> dict:
 
 def test_the_pipeline_templates_are_all_there():
     assert set(TO_4D + ["epipolar_mask_preview", "text_to_3d_mvdream", "image_to_3d_imagedream", "text_to_video_animatediff",
-                        "text_to_video_cameractrl"]) <= set(TEMPLATES)
+                        "text_to_video_cameractrl", "vividzoo_text_to_4d", "vividzoo_train_adapters"]) <= set(TEMPLATES)
 
 
 @pytest.mark.parametrize("name", ["text_to_3d_mvdream", "image_to_3d_imagedream"])
