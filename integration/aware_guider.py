@@ -51,8 +51,13 @@ class StepRecord:
     sigma: float
     decode: float
     fit: float
-    render_encode: float
+    render: float
+    encode: float
     gaussians: int
+
+    @property
+    def seconds(self) -> float:
+        return self.decode + self.fit + self.render + self.encode
 
 
 @dataclass
@@ -154,10 +159,11 @@ class AwareDenoising:
         encoded = self.vae.encode(grid.as_batch(result.renders))
         renders = model.process_latent_in(encoded.to(denoised.device, torch.float32)).to(denoised)
         run.gaussians = result.fit.gaussians
-        record = StepRecord(step, sigma, decoded - started, result.fit.seconds, time.perf_counter() - fitted, result.fit.gaussians.count)
+        record = StepRecord(step, sigma, decoded - started, result.fit.seconds, fitted - decoded - result.fit.seconds,
+                            time.perf_counter() - fitted, result.fit.gaussians.count)
         run.steps.append(record)
-        logging.info("%s: step %d (sigma %.3g): decode %.2f s, fit %.2f s (%d Gaussians), render + encode %.2f s",
-                     AWARE, step, sigma, record.decode, record.fit, record.gaussians, record.render_encode)
+        logging.info("%s: step %d (sigma %.3g): decode %.2f s, fit %.2f s (%d Gaussians), render %.2f s, encode %.2f s",
+                     AWARE, step, sigma, record.decode, record.fit, record.gaussians, record.render, record.encode)
         if self.settings.blend_weight == 0:
             return denoised
         out = denoised.clone()
