@@ -181,11 +181,11 @@ def fit_dynamic_gaussians(
     if start is not None and start.config != settings.motion:
         raise InvalidInput("start", f"the Gaussians to start from have motion {start.config}, the fit {settings.motion}",
                            "fit with the motion config the Gaussians were made with")
-    if objective is None:
-        objective = PhotometricObjective.of(settings, lpips.to(device) if lpips is not None and settings.lpips_weight > 0 else None)
     if strategy is None and settings.densify:
         strategy = AdaptiveDensity(settings)
     with torch.inference_mode(False), torch.enable_grad():
+        if objective is None:  # LPIPS moved here: weights copied under inference mode could not be differentiated
+            objective = PhotometricObjective.of(settings, lpips.to(device) if lpips is not None and settings.lpips_weight > 0 else None)
         return _fit(video, settings, torch.device(device), on_step, start, objective, strategy)
 
 
