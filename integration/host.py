@@ -4,8 +4,9 @@ Cancel, model folders, and output paths."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import comfy.model_management as model_management
 import comfy.utils
@@ -51,6 +52,21 @@ def progress(every: int = 1) -> Callable[[int, int], None]:
 # modules and CameraCtrl (the folder AnimateDiff-Evolved uses, so its users' files are found).
 # mv4d_adapters: alignment adapters trained with MV4D Train Alignment Adapters (Vivid-ZOO).
 MODEL_FOLDERS = (LPIPS_FOLDER, "animatediff_models", "mv4d_adapters")
+@contextmanager
+def models_kept_loaded(models: list) -> Iterator[None]:
+    """For work between the model calls of a sampling run that loads models of its own (a VAE): ComfyUI unloads
+    whatever it must to make room, including the models being sampled with, and nothing loads them again before
+    the sampler's next call. Loads back any of `models` (ModelPatchers) that lost weights on the way."""
+    before = [model.loaded_size() for model in models]
+    yield
+    if any(model.loaded_size() < size for model, size in zip(models, before)):
+        model_management.load_models_gpu(models)
+
+
+def check_interrupt(done: int = 0, total: int = 0) -> None:
+    """on_step for a loop inside another node's work (a fit inside sampling): stops when the user cancels, and draws
+    no progress bar of its own (the node's bar stays the sampler's)."""
+    model_management.throw_exception_if_processing_interrupted()
 
 
 def register_model_folders() -> None:

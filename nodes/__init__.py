@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .aware_denoising import AwareDenoising, AwareReconstruction
 from .cameras import LoadCameraTrajectory, OrbitCameras
 from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, RollbackEuler, SV3DConditioning
 from .epipolar import EpipolarMask, PreviewEpipolarMask
@@ -22,6 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl,
     LoadAlignmentAdapters, ApplyAlignmentAdapters, TrainAlignmentAdapters, MakeDemoTrainingSet,
     SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
+    AwareDenoising, AwareReconstruction,
     Fit4DGaussians, Render4D, Save4D, Load4D, Preview4D,
 ]
 

@@ -1,9 +1,13 @@
 """Fit dynamic Gaussians to a V-view x F-frame multi-view video with known cameras.
 
-Each iteration takes one frame at random and a few of its views, renders them, and steps Adam on the
-photometric loss. Densification and pruning use gsplat's DefaultStrategy (3DGS's adaptive density control),
-with its opacity reset applied here: in gsplat 1.5.3 `step % reset_every == 0 & step > 0` parses as a chained
-comparison that is never true, so the strategy never resets opacities by itself.
+Each iteration takes one frame at random and a few of its views, renders them, and steps Adam on the loss an
+objective object computes (default: the photometric loss of FitSettings). A densification strategy object edits
+the Gaussians between steps, with gsplat's strategy interface (default: AdaptiveDensity, 3DGS's adaptive density
+control through gsplat's DefaultStrategy, with its opacity reset applied here: in gsplat 1.5.3
+`step % reset_every == 0 & step > 0` parses as a chained comparison that is never true, so the strategy never
+resets opacities by itself). A fit starts from Gaussians carved from the images, or continues from given ones
+(warm start); `settings.iterations` is the budget of one call, and the learning-rate decay and densification
+schedule run over that budget.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -22,7 +26,7 @@ from ..multiview_video import MultiviewVideo
 from .init import camera_extent, initial_gaussians
 from .losses import LPIPS, photometric_loss, resize_images
 from .model import DynamicGaussians, MotionConfig
-from .rasterize import GRAD_BYTES_PER_ENTRY, TILE_SIZE, TORCH_FIT_FIX, Backend, render, resolve_backend
+from .rasterize import GRAD_BYTES_PER_ENTRY, TILE_SIZE, TORCH_FIT_FIX, Backend, RenderOutput, render, resolve_backend
 
 # Adam learning rates (3DGS's, per parameter); position-like ones are multiplied by the scene scale and decay
 # exponentially to 1% over the fit.
@@ -91,18 +95,101 @@ def fit_size(video: MultiviewVideo, resolution: int) -> tuple[int, int]:
     return max(1, round(video.height * scale)), max(1, round(video.width * scale))
 
 
+@dataclass
+class FitBatch:
+    """What one iteration rendered, for an objective: the views `views` of frame `frame` (at normalised `time`),
+    their renders and target images, and the live Gaussians (to render more, e.g. novel views for SDS)."""
+
+    step: int
+    frame: int
+    time: torch.Tensor  # () on the device
+    views: torch.Tensor  # (B,) view indices
+    output: RenderOutput  # colors (B, H, W, 3)
+    target: torch.Tensor  # (B, H, W, 3) in [0, 1]
+    gaussians: DynamicGaussians
+
+
+class Objective(Protocol):
+    """The loss of one iteration (a differentiable scalar)."""
+
+    def loss(self, batch: FitBatch) -> torch.Tensor: ...
+
+
+class DensificationStrategy(Protocol):
+    """gsplat's strategy interface (gsplat.strategy.DefaultStrategy is one): it may replace the parameter tensors
+    of `params` and their optimizer state in place."""
+
+    def initialize_state(self, scene_scale: float) -> dict: ...
+
+    def step_pre_backward(self, params: dict, optimizers: dict, state: dict, step: int, info: dict) -> None: ...
+
+    def step_post_backward(self, params: dict, optimizers: dict, state: dict, step: int, info: dict) -> None: ...
+
+
+@dataclass
+class PhotometricObjective:
+    """The renders against the target images (losses.photometric_loss): L1 + D-SSIM, or Diffusion²'s
+    confidence-weighted D-SSIM, optionally + LPIPS."""
+
+    ssim_weight: float = 0.2
+    confidence_weighting: bool = False
+    lpips: LPIPS | None = None
+    lpips_weight: float = 0.0
+
+    @classmethod
+    def of(cls, settings: FitSettings, lpips: LPIPS | None = None) -> PhotometricObjective:
+        return cls(settings.ssim_weight, settings.confidence_weighting, lpips, settings.lpips_weight)
+
+    def loss(self, batch: FitBatch) -> torch.Tensor:
+        return photometric_loss(batch.output.colors, batch.target, self.ssim_weight, self.confidence_weighting,
+                                self.lpips, self.lpips_weight)
+
+
+class AdaptiveDensity:
+    """3DGS's adaptive density control from FitSettings: gsplat's DefaultStrategy (split, clone, prune), growing
+    no further once max_gaussians is reached, with the opacity reset gsplat 1.5.3 skips."""
+
+    def __init__(self, settings: FitSettings):
+        self.settings = settings
+        self.strategy = None
+
+    def initialize_state(self, scene_scale: float) -> dict:
+        self.strategy, state = _strategy(self.settings, scene_scale)
+        return state
+
+    def step_pre_backward(self, params, optimizers, state, step, info) -> None:
+        self.strategy.step_pre_backward(params, optimizers, state, step, info)
+
+    def step_post_backward(self, params, optimizers, state, step, info) -> None:
+        _densify(self.strategy, params, optimizers, state, step, info, self.settings)
+
+
 def fit_dynamic_gaussians(
     video: MultiviewVideo,
     settings: FitSettings = FitSettings(),
     device: torch.device | str = "cpu",
     on_step: Callable[[int, int], None] | None = None,
     lpips: LPIPS | None = None,
+    start: DynamicGaussians | None = None,
+    objective: Objective | None = None,
+    strategy: DensificationStrategy | None = None,
 ) -> FitResult:
-    """on_step(done, total) is called every iteration (ComfyUI's progress bar and interrupt check); it may raise
-    to stop the fit, and nothing is returned then. Runs with autograd on even when called under
-    torch.inference_mode(), as ComfyUI executes nodes."""
+    """The one entry point of fitting. on_step(done, total) is called every iteration (ComfyUI's progress bar and
+    interrupt check); it may raise to stop the fit, and nothing is returned then. Runs with autograd on even when
+    called under torch.inference_mode(), as ComfyUI executes nodes.
+
+    start: continue from these Gaussians (not modified) instead of carving new ones; their motion config must be
+    settings.motion. objective: the loss (default PhotometricObjective.of(settings, lpips)). strategy: the
+    densification (default AdaptiveDensity(settings) when settings.densify, else none)."""
+    if start is not None and start.config != settings.motion:
+        raise InvalidInput("start", f"the Gaussians to start from have motion {start.config}, the fit {settings.motion}",
+                           "fit with the motion config the Gaussians were made with")
+    if strategy is None and settings.densify:
+        strategy = AdaptiveDensity(settings)
     with torch.inference_mode(False), torch.enable_grad():
-        return _fit(video, settings, torch.device(device), on_step, lpips)
+        if objective is None:  # LPIPS moved here: weights copied under inference mode could not be differentiated
+            objective = PhotometricObjective.of(settings, lpips.to(device) if lpips is not None and settings.lpips_weight > 0 else None)
+        return _fit(video, settings, torch.device(device), on_step, start, objective, strategy)
 
 
 def check_fit_memory(video: MultiviewVideo, settings: FitSettings, device: torch.device, backend: str) -> None:
@@ -121,7 +208,7 @@ def check_fit_memory(video: MultiviewVideo, settings: FitSettings, device: torch
                      TORCH_FIT_FIX, device)
 
 
-def _fit(video, settings, device, on_step, lpips) -> FitResult:
+def _fit(video, settings, device, on_step, start, objective, strategy) -> FitResult:
     settings.check()
     video.check_has_content()
     backend = resolve_backend(settings.backend, device)
@@ -137,13 +224,15 @@ def _fit(video, settings, device, on_step, lpips) -> FitResult:
     intrinsics = cameras.intrinsics.float().to(device)
     background = torch.tensor(settings.background, dtype=torch.float32, device=device)
     generator = torch.Generator().manual_seed(settings.seed)
-    lpips = lpips.to(device) if lpips is not None and settings.lpips_weight > 0 else None
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)  # gsplat's split samples from the global generator
-        carve_background = background.cpu() if settings.carve else None
-        gaussians = initial_gaussians(video, settings.initial_gaussians, settings.motion, carve_background, generator, device,
-                                      settings.initial_time_window, on_batch=lambda: on_step(0, settings.iterations) if on_step else None)
+        if start is None:
+            carve_background = background.cpu() if settings.carve else None
+            gaussians = initial_gaussians(video, settings.initial_gaussians, settings.motion, carve_background, generator, device,
+                                          settings.initial_time_window, on_batch=lambda: on_step(0, settings.iterations) if on_step else None)
+        else:
+            gaussians = start.detached().to(device)
         params = {name: torch.nn.Parameter(value.contiguous()) for name, value in gaussians.params.items()}
         gaussians = DynamicGaussians(params, settings.motion)  # the strategy edits this dict in place
         scene_scale = camera_extent(video.cameras)
@@ -153,7 +242,7 @@ def _fit(video, settings, device, on_step, lpips) -> FitResult:
         optimizer = torch.optim.Adam([{"params": [param], "lr": base_rates[name], "name": name} for name, param in params.items()],
                                      eps=1e-15, fused=device.type == "cuda")
         optimizers = {group["name"]: _OneGroup(optimizer, group) for group in optimizer.param_groups}
-        strategy, state = _strategy(settings, scene_scale)
+        state = strategy.initialize_state(scene_scale=scene_scale) if strategy is not None else None
 
         losses, history, block_loss = [], [], torch.zeros((), device=device)
         views_per_step = min(settings.views_per_step, video.num_views)
@@ -168,11 +257,10 @@ def _fit(video, settings, device, on_step, lpips) -> FitResult:
             target = targets[view_index, frame].float() / 255
             if strategy is not None:
                 strategy.step_pre_backward(params, optimizers, state, step, output.info)
-            loss = photometric_loss(output.colors, target, settings.ssim_weight, settings.confidence_weighting,
-                                    lpips, settings.lpips_weight)
+            loss = objective.loss(FitBatch(step, frame, basis.times[frame], view_index, output, target, gaussians))
             loss.backward()
             if strategy is not None:
-                _densify(strategy, params, optimizers, state, step, output.info, settings)
+                strategy.step_post_backward(params, optimizers, state, step, output.info)
             decay = 0.01 ** (step / max(1, settings.iterations - 1))
             for group in optimizer.param_groups:
                 if group["name"] in POSITION_PARAMETERS:
@@ -225,8 +313,7 @@ def _strategy_class():
 
 
 def _strategy(settings: FitSettings, scene_scale: float):
-    if not settings.densify:
-        return None, None
+    """gsplat's strategy (sync-free statistics) on FitSettings' schedule, and its initial state."""
     strategy = _strategy_class()(
         refine_start_iter=int(settings.densify_start * settings.iterations),
         refine_stop_iter=int(settings.densify_stop * settings.iterations),

@@ -48,6 +48,23 @@ NOTES = {
         "(CLIP-ViT-H-14-laion2B-s32B-b79K) and connect those instead.",
         "## Smaller GPUs\n\nImageDream runs at 256 px with 5 views: a batch of 10 with CFG. Lower `steps` to go faster.",
     ],
+    "image_to_4d_3d_aware": [
+        "# Image -> 4D with 3D-aware denoising (Diffusion² + VideoMV)\nThe `image_to_4d` graph with **MV4D 3D-Aware "
+        "Denoising** between MV4D Composed Guider and the sampler: at steps 20, 30 and 40 of 50 the predicted clean grid "
+        "is decoded, fitted with 4D Gaussians (each step continues the previous step's), rendered at every view and "
+        "frame, encoded, and replaces the prediction (`blend_weight` 1, as VideoMV). **MV4D 3D-Aware Reconstruction** "
+        "gives the last step's Gaussians: they are the 4D asset (turntable + `.splatv` / `.ply` in `output/mv4d/`), "
+        "with no separate fit.\n\nInput: an object centred on a **white background**, square (*Input image*).",
+        "## Model files (ComfyUI/models/checkpoints)\n- `svd_xt.safetensors`: "
+        "[stabilityai/stable-video-diffusion-img2vid-xt](https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt)\n"
+        "- `sv3d_p.safetensors`: [stabilityai/sv3d](https://huggingface.co/stabilityai/sv3d)\nBoth are gated: accept the "
+        "licence on the page, download, put them in `ComfyUI/models/checkpoints/`, press R.",
+        "## Smaller GPUs\nEverything in `image_to_4d`'s note applies (size, frames, steps, `videos_per_call`). Each 3D-aware "
+        "step also decodes and re-encodes the whole grid and runs `fit_iterations` fit iterations at `fit_resolution`: "
+        "list fewer `steps`, lower `frames_per_decode` (14 -> 7) if decoding runs out of memory, lower `fit_iterations` "
+        "to go faster. `bench/aware_step.py` measures a step.\n\nFor a finer 4D asset, add a late step (e.g. `20, 30, 40, 49`) "
+        "or fit the decoded grid with MV4D Fit 4D Gaussians as `image_to_4d` does.",
+    ],
 }
 
 NOTES["text_to_video_animatediff"] = [
@@ -95,6 +112,8 @@ NOTES["vividzoo_train_adapters"] = [
 
 # Where the models our loaders name come from (ComfyUI model metadata: the frontend offers them when missing).
 MODEL_PAGES = {
+    "svd_xt.safetensors": "https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt/resolve/main/svd_xt.safetensors",
+    "sv3d_p.safetensors": "https://huggingface.co/stabilityai/sv3d/resolve/main/sv3d_p.safetensors",
     "sd-v2.1-base-4view.pt": "https://huggingface.co/MVDream/MVDream/resolve/main/sd-v2.1-base-4view.pt",
     "sd-v1.5-4view.pt": "https://huggingface.co/MVDream/MVDream/resolve/main/sd-v1.5-4view.pt",
     "sd-v2.1-base-4view-ipmv.pt": "https://huggingface.co/Peng-Wang/ImageDream/resolve/main/sd-v2.1-base-4view-ipmv.pt",

@@ -93,9 +93,11 @@ def load_api_workflow(name: str) -> dict:
 # What a CPU test machine runs instead of the paper setting, by the titles of the workflows' PrimitiveInt boxes.
 TINY_SETTING = {"views": 4, "frames": 3, "size": 64, "steps": 3}
 TINY_FIT = {"iterations": 20, "initial_gaussians": 500, "max_gaussians": 4000}
+TINY_AWARE = {"steps": "1, 2", "fit_iterations": 20, "initial_gaussians": 500, "fit_resolution": 32}  # of 3 steps
 TINY_NODE_SETTINGS = {  # per node type, what a CPU test machine runs instead
     "MV4D_Fit4DGaussians": TINY_FIT,
     "MV4D_MakeDemoTrainingSet": {"clips": 2},
+    "MV4D_3DAwareDenoising": TINY_AWARE,
     "MV4D_TrainAlignmentAdapters": {"steps": 2, "checkpoint_every": 1},
 }
 
@@ -112,7 +114,7 @@ def tiny_multiview_kind(ckpt_name: str) -> str:
 def on_tiny_models(prompt: dict) -> dict:
     """A shipped prompt made runnable on a test machine: real checkpoint loaders (no weights can be downloaded
     here) swapped for the test-only tiny SVD / SV3D / MVDream / ImageDream models, and views, frames, size, steps and
-    the 4D fit shrunk for a CPU. Prompts without checkpoint loaders come back unchanged."""
+    the 4D fits (and 3D-aware steps) shrunk for a CPU. Prompts without checkpoint loaders come back unchanged."""
     import copy
 
     if not any(node["class_type"] in TINY_LOADERS for node in prompt.values()):

@@ -33,6 +33,8 @@ EXPECTED_NODES = {
     "MV4D_RollbackEuler": "MV4D Rollback Euler",
     "MV4D_DecodeGrid": "MV4D Decode Grid",
     "MV4D_FP8Matmuls": "MV4D FP8 Matmuls",
+    "MV4D_3DAwareDenoising": "MV4D 3D-Aware Denoising",
+    "MV4D_3DAwareReconstruction": "MV4D 3D-Aware Reconstruction",
     "MV4D_Fit4DGaussians": "MV4D Fit 4D Gaussians",
     "MV4D_Render4D": "MV4D Render 4D",
     "MV4D_Save4D": "MV4D Save 4D",

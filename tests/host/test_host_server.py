@@ -223,3 +223,28 @@ def test_interrupting_composed_sampling_through_the_server_stops_it_and_saves_no
     assert entry["status"]["status_str"] == "error" and interrupted
     assert interrupted[0]["node_type"] == "SamplerCustomAdvanced"
     assert not list(comfy_server.output_dir.glob("mv4d_tests/interrupted_grid*"))
+
+
+def test_interrupting_a_fit_inside_3d_aware_sampling_stops_it_and_saves_nothing(comfy_server):
+    import time
+    import urllib.request
+    import uuid
+
+    prompt = on_tiny_models(load_api_workflow("image_to_4d_3d_aware.json"))
+    aware = next(node for node in prompt.values() if node["class_type"] == "MV4D_3DAwareDenoising")
+    aware["inputs"].update(steps="2", fit_iterations=100000)  # the most it takes: far longer than the test, only the interrupt ends it
+    sampler = next(key for key, node in prompt.items() if node["class_type"] == "SamplerCustomAdvanced")
+    for node in prompt.values():
+        if "filename_prefix" in node["inputs"]:
+            node["inputs"]["filename_prefix"] = "mv4d_tests/interrupted_aware"
+    client_id = str(uuid.uuid4())
+    status, answer = post_prompt(comfy_server.url, prompt, client_id)
+    assert status == 200, answer
+    wait_until_node_progresses(comfy_server.url, client_id, sampler)  # steps 0 and 1 done: step 2 fits
+    time.sleep(3)  # well inside the fit
+    urllib.request.urlopen(urllib.request.Request(comfy_server.url + "/interrupt", data=b"{}", method="POST"), timeout=10)
+    entry = wait_for_history(comfy_server.url, answer["prompt_id"], timeout=120)
+    interrupted = [data for kind, data in entry["status"]["messages"] if kind == "execution_interrupted"]
+    assert entry["status"]["status_str"] == "error" and interrupted
+    assert interrupted[0]["node_type"] == "SamplerCustomAdvanced"
+    assert not list(comfy_server.output_dir.glob("mv4d_tests/interrupted_aware*"))

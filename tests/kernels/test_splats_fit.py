@@ -11,6 +11,7 @@ from mv4d.kernels.splats.fit import FitSettings, fit_dynamic_gaussians
 from mv4d.kernels.splats.init import initial_gaussians
 from mv4d.kernels.splats.losses import psnr
 from mv4d.kernels.splats.model import MotionConfig
+from mv4d.kernels.splats.rasterize import render
 from mv4d.kernels.splats.views import grid_request, render_images
 from mv4d.kernels.synthetic_scene import example_multiview_video
 
@@ -83,3 +84,68 @@ def test_bad_fit_input_is_refused(moving_scene):
         fit_dynamic_gaussians(MultiviewVideo(broken, moving_scene.cameras, moving_scene.times), FitSettings(iterations=5))
     with pytest.raises(InvalidInput, match="densify_start <= densify_stop"):
         FitSettings(densify_start=0.8, densify_stop=0.2).check()
+
+
+def test_a_warm_start_continues_from_the_given_gaussians_and_leaves_them_untouched(moving_scene):
+    budget = dict(iterations=100, initial_gaussians=300, views_per_step=2, densify=False)
+    first = fit_dynamic_gaussians(moving_scene, FitSettings(**budget))
+    given = {name: value.clone() for name, value in first.gaussians.params.items()}
+    continued = fit_dynamic_gaussians(moving_scene, FitSettings(**budget, seed=1), start=first.gaussians)
+    for name, value in first.gaussians.params.items():
+        assert torch.equal(value, given[name]), name  # the start is copied, never optimised in place
+    assert continued.gaussians.count == first.gaussians.count  # no new carving
+    scores = {"first 100": fit_psnr(moving_scene, first.gaussians), "100 more": fit_psnr(moving_scene, continued.gaussians)}
+    print(f"\nPSNR on the training views: {scores}")
+    assert scores["100 more"] >= scores["first 100"] + 0.5
+    with pytest.raises(InvalidInput, match="start: the Gaussians to start from have motion"):
+        fit_dynamic_gaussians(moving_scene, FitSettings(**budget, motion=MotionConfig.static()), start=first.gaussians)
+
+
+def test_the_objective_is_an_object_that_sees_each_iterations_renders(moving_scene):
+    seen = []
+
+    class Transparent:
+        """Not the images: the Gaussians' coverage, so the result shows whose loss the fit minimised."""
+
+        def loss(self, batch):
+            seen.append((batch.step, batch.frame, float(batch.time), len(batch.views), tuple(batch.target.shape)))
+            assert batch.output.colors.shape == batch.target.shape and batch.gaussians.count == 300
+            return batch.output.alphas.mean()
+
+    settings = FitSettings(iterations=30, initial_gaussians=300, views_per_step=2, densify=False)
+    faded = fit_dynamic_gaussians(moving_scene, settings, objective=Transparent())
+    plain = fit_dynamic_gaussians(moving_scene, settings)
+    assert [entry[0] for entry in seen] == list(range(30))
+    assert all(moving_scene.times[frame] == time and views == 2 and shape == (2, 32, 32, 3) for _, frame, time, views, shape in seen)
+    coverage = {}
+    for name, result in (("transparent", faded), ("photometric", plain)):
+        frame = result.gaussians.frame(0.5)
+        output = render(frame, RIG.world_to_camera.float(), RIG.intrinsics.float(), 32, 32, torch.ones(3), "torch")
+        coverage[name] = float(output.alphas.mean())
+    print(f"\nmean alpha of the renders: {coverage}")
+    assert coverage["transparent"] < 0.5 * coverage["photometric"]
+
+
+def test_the_densification_strategy_is_an_object_with_gsplats_interface(moving_scene):
+    from gsplat.strategy.ops import remove
+
+    calls = []
+
+    class PruneHalfOnce:
+        def initialize_state(self, scene_scale):
+            calls.append(("initialize", scene_scale))
+            return {"pruned": False}
+
+        def step_pre_backward(self, params, optimizers, state, step, info):
+            calls.append(("pre", step))
+
+        def step_post_backward(self, params, optimizers, state, step, info):
+            calls.append(("post", step))
+            if step == 5:
+                remove(params, optimizers, state, torch.arange(len(params["means"])) % 2 == 0)
+
+    settings = FitSettings(iterations=10, initial_gaussians=300, views_per_step=2, densify=True)  # densify: not used
+    result = fit_dynamic_gaussians(moving_scene, settings, strategy=PruneHalfOnce())
+    assert calls[0][0] == "initialize" and calls[0][1] > 0
+    assert calls[1:] == [(kind, step) for step in range(10) for kind in ("pre", "post")]
+    assert result.gaussians.count == 150 and all(len(value) == 150 for value in result.gaussians.params.values())

@@ -77,3 +77,19 @@ def test_x_to_4d_defaults_follow_the_paper_with_a_note_for_smaller_gpus(name):
     assert any("Smaller GPUs" in note and "videos_per_call" in note for note in notes)
     kinds = {node["class_type"] for node in api(name).values()}
     assert {"MV4D_ComposedGuider", "MV4D_Fit4DGaussians", "MV4D_Render4D", "MV4D_Save4D"} <= kinds
+
+
+def test_the_3d_aware_template_samples_through_the_aware_guider_and_saves_its_reconstruction():
+    graph = api("image_to_4d_3d_aware")
+    by_kind = {node["class_type"]: (key, node) for key, node in graph.items()}
+    aware_key, aware = by_kind["MV4D_3DAwareDenoising"]
+    assert aware["inputs"]["guider"] == [by_kind["MV4D_ComposedGuider"][0], 0]
+    assert aware["inputs"]["steps"] == "20, 30, 40" and aware["inputs"]["blend_weight"] == 1.0  # VideoMV
+    assert by_kind["SamplerCustomAdvanced"][1]["inputs"]["guider"] == [aware_key, 0]
+    reconstruction_key, reconstruction = by_kind["MV4D_3DAwareReconstruction"]
+    assert reconstruction["inputs"] == {"guider": [aware_key, 0], "latent": [by_kind["SamplerCustomAdvanced"][0], 0]}
+    for kind in ("MV4D_Render4D", "MV4D_Save4D"):
+        assert by_kind[kind][1]["inputs"]["splats_4d"] == [reconstruction_key, 0]
+    assert "MV4D_Fit4DGaussians" not in by_kind  # the reconstruction replaces the separate fit
+    boxes = {node["_meta"]["title"]: node["inputs"]["value"] for node in graph.values() if node["class_type"] == "PrimitiveInt"}
+    assert {key: boxes[key] for key in PAPER} == PAPER
