@@ -120,7 +120,6 @@ MODEL_PAGES = {
     "v1-5-pruned-emaonly-fp16.safetensors": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
     "v3_sd15_mm.ckpt": "https://huggingface.co/guoyww/animatediff/resolve/main/v3_sd15_mm.ckpt",
     "mm_sd_v15_v2.ckpt": "https://huggingface.co/guoyww/animatediff/resolve/main/mm_sd_v15_v2.ckpt",
-    "sd-v1.5-4view.pt": "https://huggingface.co/MVDream/MVDream/resolve/main/sd-v1.5-4view.pt",
     "CameraCtrl.ckpt": "https://huggingface.co/hehao13/CameraCtrl/resolve/main/CameraCtrl.ckpt",
 }
 LOADER_INPUTS = {"MV4D_LoadMultiviewModel": ("ckpt_name", "checkpoints"), "ImageOnlyCheckpointLoader": ("ckpt_name", "checkpoints"),
