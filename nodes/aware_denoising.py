@@ -95,4 +95,4 @@ class AwareReconstruction(io.ComfyNode):
 
     @classmethod
     def execute(cls, guider, latent) -> io.NodeOutput:
-        return io.NodeOutput(*with_splats(last_reconstruction(guider, latent)))
+        return io.NodeOutput(*with_splats(RECONSTRUCTION, last_reconstruction(guider, latent)))
