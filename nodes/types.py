@@ -16,3 +16,5 @@ GridConditioningSocket = io.Custom("MV4D_GRID_CONDITIONING")
 MotionModuleSocket = io.Custom("MV4D_MOTION_MODULE")
 # integration.patches.camera_control.CameraControl: CameraCtrl's pose encoder and qkv_merge layers.
 CameraCtrlSocket = io.Custom("MV4D_CAMERACTRL")
+# kernels.models.cvd.CVDModel: CVD's cross-video synchronisation modules.
+CVDModuleSocket = io.Custom("MV4D_CVD_MODULE")

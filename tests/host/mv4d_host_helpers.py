@@ -88,7 +88,7 @@ TINY_FIT = {"iterations": 20, "initial_gaussians": 500, "max_gaussians": 4000}
 
 
 TINY_LOADERS = {"ImageOnlyCheckpointLoader", "MV4D_LoadMultiviewModel", "CheckpointLoaderSimple", "MV4D_LoadMotionModule",
-                "MV4D_LoadCameraCtrl"}
+                "MV4D_LoadCameraCtrl", "MV4D_LoadCVDModule"}
 
 
 def tiny_multiview_kind(ckpt_name: str) -> str:
@@ -98,8 +98,9 @@ def tiny_multiview_kind(ckpt_name: str) -> str:
 
 def on_tiny_models(prompt: dict) -> dict:
     """A shipped prompt made runnable on a test machine: real checkpoint loaders (no weights can be downloaded
-    here) swapped for the test-only tiny SVD / SV3D / MVDream / ImageDream models, and views, frames, size, steps and
-    the 4D fit shrunk for a CPU. Prompts without checkpoint loaders come back unchanged."""
+    here) swapped for the test-only tiny SVD / SV3D / MVDream / ImageDream / SD1.5 / motion / CameraCtrl / CVD
+    models, and views, frames, size, steps and the 4D fit shrunk for a CPU. Prompts without checkpoint loaders come
+    back unchanged."""
     import copy
 
     if not any(node["class_type"] in TINY_LOADERS for node in prompt.values()):
@@ -123,6 +124,8 @@ def on_tiny_models(prompt: dict) -> dict:
             node["inputs"] = {"version": "v2" if "v2" in name else "v1" if name.startswith("mm_sd_v15.") else "v3"}
         elif kind == "MV4D_LoadCameraCtrl":
             node["class_type"], node["inputs"] = "MV4DTest_TinyCameraCtrl", {}
+        elif kind == "MV4D_LoadCVDModule":
+            node["class_type"], node["inputs"] = "MV4DTest_TinyCVDModule", {}
         elif kind == "PrimitiveInt" and title in TINY_SETTING:
             inputs["value"] = TINY_SETTING[title]
         elif kind == "MV4D_Fit4DGaussians":

@@ -23,6 +23,8 @@ EXPECTED_NODES = {
     "MV4D_ApplyMotionModule": "MV4D Apply Motion Module",
     "MV4D_LoadCameraCtrl": "MV4D Load CameraCtrl",
     "MV4D_ApplyCameraControl": "MV4D Apply Camera Control",
+    "MV4D_LoadCVDModule": "MV4D Load CVD Module",
+    "MV4D_ApplyCVD": "MV4D Apply CVD",
     "MV4D_SV3DConditioning": "MV4D SV3D Conditioning",
     "MV4D_GridConditioning": "MV4D Grid Conditioning",
     "MV4D_ComposedGuider": "MV4D Composed Guider",
