@@ -205,6 +205,10 @@ def test_apply_cvd_gives_a_model_a_grid_latent_and_every_video_s_cameras(mv4d_no
     assert len(cameras) == 3 * FRAMES
     out = sample(model, sd15[1], torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(0)))
     assert out.shape == latent["samples"].shape and bool(torch.isfinite(out).all())
+    decoded = run_node(mv4d_nodes.DecodeGrid, vae=sd15[2], grid_latent={**latent, "samples": out}, cameras=cameras,
+                       frames_per_decode=0, preview_fps=8.0).result[0]
+    assert (decoded.num_views, decoded.num_frames) == (3, FRAMES) and decoded.cameras_move  # one camera per video and frame
+    assert torch.equal(decoded.cameras.world_to_camera[FRAMES:2 * FRAMES], arcs(3)[1].world_to_camera)
 
 
 def test_bad_input_names_node_input_and_fix(comfy, mv4d_nodes, sd15, video):
