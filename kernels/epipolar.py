@@ -94,6 +94,21 @@ class EpipolarMask:
         rows = max(1, max_bytes // (_BYTES_PER_ENTRY * max(1, pairs_per_call) * self.num_keys))
         return [slice(start, min(start + rows, self.num_queries)) for start in range(0, self.num_queries, rows)]
 
+    def dense_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes the dense masks of every pair take (`precomputed`): bool for hard masks, `dtype` for soft ones."""
+        element = 1 if self.mode == "hard" else torch.empty(0, dtype=dtype).element_size()
+        return self.num_pairs * self.num_queries * self.num_keys * element
+
+    def precomputed(self, device=None, dtype: torch.dtype = torch.float32, max_bytes: int = DEFAULT_MAX_MASK_BYTES) -> DenseEpipolarMask:
+        """The dense masks of every pair, built once (a block of query rows at a time, so building never holds
+        more than about max_bytes besides the result), for attention that runs many times over the same pairs."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        kind = torch.bool if self.mode == "hard" else dtype
+        masks = torch.empty(self.num_pairs, self.num_queries, self.num_keys, dtype=kind, device=device)
+        for rows in self.query_chunks(max_bytes=max_bytes):
+            masks[:, rows] = self.dense(None, rows, device, dtype)
+        return DenseEpipolarMask(masks, self.mode, self.query_size, self.key_size)
+
     def dense(
         self,
         pair_indices: Sequence[int] | torch.Tensor | None = None,
@@ -121,21 +136,6 @@ class EpipolarMask:
         queries (p, heads, q, d) and keys (p, heads, keys, d). A hard-mask row with no key inside (the epipolar line
         misses the target image) attends to nothing; PyTorch's SDPA returns zeros for such rows."""
         return self.dense(pair_indices, query_slice, device, dtype)[:, None]
-
-    def dense_bytes(self, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes the dense masks of every pair take (`precomputed`): bool for hard masks, `dtype` for soft ones."""
-        element = 1 if self.mode == "hard" else torch.empty(0, dtype=dtype).element_size()
-        return self.num_pairs * self.num_queries * self.num_keys * element
-
-    def precomputed(self, device=None, dtype: torch.dtype = torch.float32, max_bytes: int = DEFAULT_MAX_MASK_BYTES) -> DenseEpipolarMask:
-        """The dense masks of every pair, built once (a block of query rows at a time, so building never holds
-        more than about max_bytes besides the result), for attention that runs many times over the same pairs."""
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        kind = torch.bool if self.mode == "hard" else dtype
-        masks = torch.empty(self.num_pairs, self.num_queries, self.num_keys, dtype=kind, device=device)
-        for rows in self.query_chunks(max_bytes=max_bytes):
-            masks[:, rows] = self.dense(None, rows, device, dtype)
-        return DenseEpipolarMask(masks, self.mode, self.query_size, self.key_size)
 
     def density(self, pair_indices=None, max_bytes: int = DEFAULT_MAX_MASK_BYTES) -> torch.Tensor:
         """(p,) fraction of (query, key) entries inside the mask (soft: with zero bias), built in chunks."""
