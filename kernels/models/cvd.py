@@ -30,6 +30,7 @@ ff_norm}, proj_out}: 20 modules with the channels of the motion modules they fol
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,8 @@ class CrossVideoMasks:
     `reference_resolution` pixels on the long side (CVD: 256), 0 = the cameras' image size.
 
     `at(size, ...)` gives a level's masks: dense, built once and kept while they fit in max_dense_bytes (all
-    levels together), else the compact masks at that size (attention then builds them block by block per call).
+    levels together) and in half the device's free memory, else the compact masks at that size (attention then
+    builds them block by block per call).
     `clear()` drops what was kept (after a sampling run).
     """
 
@@ -159,7 +161,8 @@ class CrossVideoMasks:
         key = (tuple(size), device, dtype if self.mode == "soft" else torch.bool)
         if key not in self._levels:
             level = self.compact.at_size(tuple(size))
-            if self.dense_bytes + level.dense_bytes(dtype) <= self.max_dense_bytes:
+            wanted = level.dense_bytes(dtype)
+            if self.dense_bytes + wanted <= self.max_dense_bytes and wanted <= free_bytes(device) // 2:
                 level = level.precomputed(device, dtype)
                 self.builds += 1
             self._levels[key] = level
@@ -174,6 +177,17 @@ class CrossVideoMasks:
         videos = torch.arange(self.grid.views)
         per_video = self.table[videos, partners.cpu()]  # (V, F)
         return per_video.T.reshape(-1).repeat(chunks)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free on the device now (a budget typed too large must not run it out: a level that does not fit in
+    half of it is rebuilt per call instead)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: no bound beyond the budget
+        return 2**62
 
 
 @dataclass(frozen=True)
