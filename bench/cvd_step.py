@@ -6,8 +6,8 @@ and random weights (compute does not depend on the values; CVD's proj_out is ran
 runs), in bf16. M videos of 16 frames with CFG (a UNet call of 2 M 16 images) are denoised through core's CFGGuider
 and euler sampler at 256 px, for each M asked. Paths per M: `cameractrl` (the M videos in one batch, CameraCtrl
 only: what CVD adds is the difference), `cvd` (masks built once per level and kept), `cvd_rebuilt` (mask budget 0:
-masks rebuilt block by block in every attention call). Reports seconds per step (after a warm-up), peak VRAM and
-the masks kept; then the mask memory at 64 x 64 latents (512 px) per M: bytes per level, whether the default
+masks rebuilt block by block in every attention call). Reports seconds per step (after a warm-up; a timed run
+builds its masks once, in its first step), peak VRAM and the masks kept; then the mask memory at 64 x 64 latents (512 px) per M: bytes per level, whether the default
 budget keeps each level, and on a GPU the seconds to build them and the memory they took. One JSON line.
 
     python -P bench/cvd_step.py                                            # M = 2 and 4 at 256 px, on the GPU
@@ -81,6 +81,47 @@ def mask_memory(videos: int, frames: int, latent: int, cuda: bool, dtype) -> dic
     return {"levels": levels, "total_mib": round(total, 1), "kept_by_default_mib": round(kept / 2**20, 1)}
 
 
+def time_sampling(model, positive, negative, noise, steps: int, peak) -> dict:
+    """Seconds per step of core's CFGGuider + euler (after a warm-up run of 1 step), peak VRAM, and the masks the
+    run kept (read just before the run ends and drops them)."""
+    import comfy.samplers
+
+    from mv4d.integration.patches.cvd import masks_of
+
+    cuda = torch.cuda.is_available()
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(8.5)
+    sampler = comfy.samplers.sampler_object("euler")
+    masks, kept = masks_of(model), {}
+    if masks is not None:
+        drop = masks.clear
+
+        def record_then_drop():
+            kept.update(mib=round(masks.dense_bytes / 2**20, 1))
+            drop()
+
+        masks.clear = record_then_drop
+
+    def sample(count: int) -> float:
+        sigmas = torch.linspace(14.6, 0.03, count + 1)
+        if cuda:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            guider.sample(noise.clone(), torch.zeros_like(noise), sampler, sigmas, disable_pbar=True, seed=0)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - begin
+
+    sample(1)
+    if peak:
+        peak.start()
+    seconds = sample(steps) / steps
+    return {"seconds_per_step": round(seconds, 4), "peak_vram_gib": peak.gib() if peak else None,
+            **({"masks_kept_mib": kept.get("mib")} if masks is not None else {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (a multiple of 64)")
@@ -94,10 +135,8 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     import_host(cpu=not cuda)
-    import comfy.samplers
-
     from mv4d.integration.patches.camera_control import with_camera_control
-    from mv4d.integration.patches.cvd import masks_of, with_cvd
+    from mv4d.integration.patches.cvd import with_cvd
     from mv4d.integration.patches.motion import with_motion
     from mv4d.kernels.grid import GRID_OPTION, Grid
     from mv4d.kernels.models.cvd import CVDSettings
@@ -123,35 +162,9 @@ def main() -> None:
                 model.model_options.setdefault("transformer_options", {})[GRID_OPTION] = grid
             else:
                 model = with_cvd(video, cvd, control, cameras, grid, CVDSettings(mask_cache_mb=0 if path == "cvd_rebuilt" else 1024))
-            guider = comfy.samplers.CFGGuider(model)
-            guider.set_conds(positive, negative)
-            guider.set_cfg(8.5)
             noise = torch.randn(grid.cells, 4, args.size // 8, args.size // 8, generator=generator)
-            sampler = comfy.samplers.sampler_object("euler")
-            masks = masks_of(model)
-            kept = {}
-
-            def sample(steps: int) -> float:
-                sigmas = torch.linspace(14.6, 0.03, steps + 1)
-                if cuda:
-                    torch.cuda.synchronize()
-                begin = time.perf_counter()
-                with torch.inference_mode():
-                    guider.sample(noise.clone(), torch.zeros_like(noise), sampler, sigmas, disable_pbar=True, seed=0)
-                if cuda:
-                    torch.cuda.synchronize()
-                return time.perf_counter() - begin
-
-            if masks is not None:  # what the run keeps, read just before the run ends and drops it
-                original_clear = masks.clear
-                masks.clear = lambda: (kept.update(mib=round(masks.dense_bytes / 2**20, 1), builds=masks.builds), original_clear())[1]
-            sample(1)
-            if peak:
-                peak.start()
-            seconds = sample(args.steps) / args.steps
-            result[f"M{videos}/{path}@{args.size}"] = {"seconds_per_step": round(seconds, 4), "peak_vram_gib": peak.gib() if peak else None,
-                                                       **({"masks_kept_mib": kept.get("mib")} if masks is not None else {})}
-            del model, guider
+            result[f"M{videos}/{path}@{args.size}"] = time_sampling(model, positive, negative, noise, args.steps, peak)
+            del model
             if cuda:
                 torch.cuda.empty_cache()
         result[f"M{videos}/masks@{args.mask_latent}x{args.mask_latent}"] = mask_memory(

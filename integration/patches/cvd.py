@@ -81,10 +81,10 @@ class ReleaseMasks(SharedPatch):
             self.masks.clear()
 
 
-def with_cvd(model, cvd: CVDModel, control: CameraControl, cameras: CameraRig, grid: Grid,
-             settings: CVDSettings = CVDSettings()):
+def with_cvd(model, cvd: CVDModel, control: CameraControl, cameras: CameraRig, grid: Grid, settings: CVDSettings | None = None):
     """A clone of a motion-patched MODEL (without CameraCtrl) that samples grid.views videos of grid.frames frames
     together: cameras has one camera per frame of every video, video by video, in one world frame."""
+    settings = settings or CVDSettings()
     with kernel_errors_as_node_errors(APPLY_NODE):
         masks = CrossVideoMasks.for_settings(cameras, grid, settings)
     patched = model.clone()

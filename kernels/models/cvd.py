@@ -66,6 +66,8 @@ class CVDSettings:
     matchings: int = 1
     camera_scale: float = 1.0
     mask_cache_mb: int = DEFAULT_MASK_CACHE_MB
+
+
 _EPI_KEY = re.compile(r"(?:^|\.)((?:down|up)_blocks\.\d+)\.epi_modules\.(\d+)\.(epi_transformer\..+)$")
 _IGNORED_BUFFER = ".pos_encoder.coords"  # CVD's pixel grid: a buffer, recomputed by our mask builder
 

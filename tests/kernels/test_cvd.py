@@ -205,7 +205,7 @@ def test_masks_are_built_once_per_level_and_kept_within_the_budget():
     model = random_cvd(9)
     call = cross_call(arcs(2, 2), grid)
     modules = model.by_motion_module()
-    for step in range(3):  # sampling steps x every module of two levels
+    for _ in range(3):  # sampling steps x every module of two levels
         for name in ("down_blocks.0.motion_modules.0", "down_blocks.0.motion_modules.1", "up_blocks.3.motion_modules.2"):
             run_module(modules[name], torch.randn(grid.cells, 32, 8, 12), grid, call)
         for name in ("down_blocks.1.motion_modules.0", "up_blocks.2.motion_modules.0"):
