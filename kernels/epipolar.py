@@ -90,9 +90,7 @@ class EpipolarMask:
 
     def query_chunks(self, pairs_per_call: int | None = None, max_bytes: int = DEFAULT_MAX_MASK_BYTES) -> list[slice]:
         """Slices of query rows whose dense masks for `pairs_per_call` pairs stay within about max_bytes to build."""
-        pairs_per_call = self.num_pairs if pairs_per_call is None else pairs_per_call
-        rows = max(1, max_bytes // (_BYTES_PER_ENTRY * max(1, pairs_per_call) * self.num_keys))
-        return [slice(start, min(start + rows, self.num_queries)) for start in range(0, self.num_queries, rows)]
+        return _row_chunks(self.num_queries, self.num_keys, self.num_pairs if pairs_per_call is None else pairs_per_call, max_bytes)
 
     def dense_bytes(self, dtype: torch.dtype = torch.float32) -> int:
         """Bytes the dense masks of every pair take (`precomputed`): bool for hard masks, `dtype` for soft ones."""
@@ -175,9 +173,7 @@ class DenseEpipolarMask:
         return self.masks.numel() * self.masks.element_size()
 
     def query_chunks(self, pairs_per_call: int | None = None, max_bytes: int = DEFAULT_MAX_MASK_BYTES) -> list[slice]:
-        pairs_per_call = self.num_pairs if pairs_per_call is None else pairs_per_call
-        rows = max(1, max_bytes // (_BYTES_PER_ENTRY * max(1, pairs_per_call) * self.num_keys))
-        return [slice(start, min(start + rows, self.num_queries)) for start in range(0, self.num_queries, rows)]
+        return _row_chunks(self.num_queries, self.num_keys, self.num_pairs if pairs_per_call is None else pairs_per_call, max_bytes)
 
     def sdpa_mask(self, pair_indices=None, query_slice: slice = slice(None), device=None, dtype=torch.float32) -> torch.Tensor:
         pair_indices = _pair_index_tensor(pair_indices, self.num_pairs).to(self.masks.device)
@@ -296,6 +292,11 @@ def reference_size_for(cameras: CameraRig, long_side: int) -> tuple[int, int]:
         raise InvalidInput("reference_resolution", f"must be positive, got {long_side}", "use 256 (CVD) or the image size")
     scale = long_side / max(cameras.height, cameras.width)
     return max(1, round(cameras.height * scale)), max(1, round(cameras.width * scale))
+
+
+def _row_chunks(queries: int, keys: int, pairs: int, max_bytes: int) -> list[slice]:
+    rows = max(1, max_bytes // (_BYTES_PER_ENTRY * max(1, pairs) * keys))
+    return [slice(start, min(start + rows, queries)) for start in range(0, queries, rows)]
 
 
 def _check_size(name: str, size) -> None:
