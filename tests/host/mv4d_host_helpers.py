@@ -98,9 +98,8 @@ def tiny_multiview_kind(ckpt_name: str) -> str:
 
 def on_tiny_models(prompt: dict) -> dict:
     """A shipped prompt made runnable on a test machine: real checkpoint loaders (no weights can be downloaded
-    here) swapped for the test-only tiny SVD / SV3D / MVDream / ImageDream / SD1.5 / motion / CameraCtrl / CVD
-    models, and views, frames, size, steps and the 4D fit shrunk for a CPU. Prompts without checkpoint loaders come
-    back unchanged."""
+    here) swapped for the test-only tiny SVD / SV3D / MVDream / ImageDream models, and views, frames, size, steps and
+    the 4D fit shrunk for a CPU. Prompts without checkpoint loaders come back unchanged."""
     import copy
 
     if not any(node["class_type"] in TINY_LOADERS for node in prompt.values()):
