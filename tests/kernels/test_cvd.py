@@ -282,3 +282,20 @@ def test_masks_need_one_camera_per_frame_of_every_video():
         CrossVideoMasks(arcs(2, 3).select(range(5)), Grid(2, 3))
     with pytest.raises(InvalidInput, match="at least 2 videos"):
         CrossVideoMasks(arcs(2, 3).select(range(3)), Grid(1, 3))
+
+
+def test_at_real_size_the_modules_have_the_shapes_of_the_v3_motion_modules_they_follow():
+    """CVD's EpiModule is the motion module's layout without position tables (MODELS.md: the same shape set as v3,
+    about 417M parameters): built on the meta device, no memory."""
+    from mv4d.kernels.models.motion import SD15_CHANNELS, MotionModel, MotionVersion
+
+    with torch.device("meta"):
+        cvd = CVDModel(SD15_CHANNELS)
+        motion = MotionModel(MotionVersion("v3", 32, False, False, "original"), SD15_CHANNELS)
+    shapes = {key: tuple(value.shape) for key, value in cvd.state_dict().items()}
+    expected = {f"{name.replace('motion_modules', 'epi_modules')}.epi_transformer.{key.split('temporal_transformer.', 1)[1]}": tuple(value.shape)
+                for name, module in motion.modules_named().items()
+                for key, value in module.state_dict(prefix=f"{name}.").items() if not key.endswith("pos_encoder.pe")}
+    assert shapes == expected
+    count = sum(value.numel() for value in cvd.parameters())
+    assert 410e6 < count < 425e6, count
