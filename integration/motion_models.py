@@ -1,4 +1,4 @@
-"""Reading motion-module and CameraCtrl files from ComfyUI's models/animatediff_models folder (the folder
+"""Reading motion-module, CameraCtrl and CVD files from ComfyUI's models/animatediff_models folder (the folder
 AnimateDiff-Evolved users already have): safetensors, weights-only pickles, or a diffusers MotionAdapter folder
 (config.json + diffusion_pytorch_model.safetensors)."""
 
@@ -13,6 +13,7 @@ import comfy.utils
 
 from ..kernels.errors import InvalidInput
 from ..kernels.models.cameractrl import load_pose_encoder, qkv_merge_layers, split_cameractrl
+from ..kernels.models.cvd import CVDModel, load_cvd_model, normalize_cvd_state_dict
 from ..kernels.models.motion import MotionModel, load_motion_model, normalize_motion_state_dict
 from .patches.camera_control import CameraControl
 
@@ -54,6 +55,15 @@ def load_cameractrl_file(path: Path, argument: str = "cameractrl") -> CameraCont
     encoder = load_pose_encoder(checkpoint, argument, operations=comfy.ops.manual_cast)
     control = CameraControl(encoder, qkv_merge_layers(checkpoint, operations=comfy.ops.manual_cast))
     return control.eval().requires_grad_(False)
+
+
+def load_cvd_file(path: Path, argument: str = "cvd_module") -> CVDModel:
+    """CVD.ckpt ({'unet_trainable_dict': ...}, read as weights only) or its safetensors conversion."""
+    if path.is_dir():
+        raise InvalidInput(argument, f"{path.name} is a folder", "pick CVD.ckpt or its .safetensors conversion")
+    state_dict, _ = read_weights(path, argument)
+    cvd = load_cvd_model(normalize_cvd_state_dict(state_dict, argument), argument, operations=comfy.ops.manual_cast)
+    return cvd.eval().requires_grad_(False)
 
 
 def motion_files() -> list[str]:

@@ -15,7 +15,8 @@ reference pixels, continuous coordinates as in `cameras.py`):
 
 The compact form costs 9 numbers a pair; the dense (queries x keys) mask is built only for the rows asked for
 (`dense`, `sdpa_mask`), or chunk by chunk inside `epipolar_attention`, because at 128 x 128 one pair alone has
-268M entries.
+268M entries. Where the dense masks of all pairs fit in memory and are used many times (CVD: every layer and step
+of a sampling run), `precomputed` builds them once (DenseEpipolarMask); `epipolar_attention` takes either form.
 
 Two mask kinds:
 - hard (the paper): a key cell is inside when some point of it lies within `tau` reference pixels of the epipolar
@@ -91,9 +92,22 @@ class EpipolarMask:
 
     def query_chunks(self, pairs_per_call: int | None = None, max_bytes: int = DEFAULT_MAX_MASK_BYTES) -> list[slice]:
         """Slices of query rows whose dense masks for `pairs_per_call` pairs stay within about max_bytes to build."""
-        pairs_per_call = self.num_pairs if pairs_per_call is None else pairs_per_call
-        rows = max(1, max_bytes // (_BYTES_PER_ENTRY * max(1, pairs_per_call) * self.num_keys))
-        return [slice(start, min(start + rows, self.num_queries)) for start in range(0, self.num_queries, rows)]
+        return _row_chunks(self.num_queries, self.num_keys, self.num_pairs if pairs_per_call is None else pairs_per_call, max_bytes)
+
+    def dense_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes the dense masks of every pair take (`precomputed`): bool for hard masks, `dtype` for soft ones."""
+        element = 1 if self.mode == "hard" else torch.empty(0, dtype=dtype).element_size()
+        return self.num_pairs * self.num_queries * self.num_keys * element
+
+    def precomputed(self, device=None, dtype: torch.dtype = torch.float32, max_bytes: int = DEFAULT_MAX_MASK_BYTES) -> DenseEpipolarMask:
+        """The dense masks of every pair, built once (a block of query rows at a time, so building never holds
+        more than about max_bytes besides the result), for attention that runs many times over the same pairs."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        kind = torch.bool if self.mode == "hard" else dtype
+        masks = torch.empty(self.num_pairs, self.num_queries, self.num_keys, dtype=kind, device=device)
+        for rows in self.query_chunks(max_bytes=max_bytes):
+            masks[:, rows] = self.dense(None, rows, device, dtype)
+        return DenseEpipolarMask(masks, self.mode, self.query_size, self.key_size)
 
     def dense(
         self,
@@ -139,16 +153,54 @@ class EpipolarMask:
         return inside / (len(rows) * self.num_keys)
 
 
+@dataclass(frozen=True, eq=False)
+class DenseEpipolarMask:
+    """An EpipolarMask's masks held dense, (P, queries, keys): bool (hard) or an additive bias (soft). Attention
+    over the same pairs many times (every layer and step of a sampling run) reads them instead of rebuilding them;
+    `epipolar_attention` takes either form."""
+
+    masks: torch.Tensor
+    mode: MaskMode
+    query_size: tuple[int, int]
+    key_size: tuple[int, int]
+
+    @property
+    def num_pairs(self) -> int:
+        return self.masks.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.masks.shape[1]
+
+    @property
+    def num_keys(self) -> int:
+        return self.masks.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.masks.numel() * self.masks.element_size()
+
+    def query_chunks(self, pairs_per_call: int | None = None, max_bytes: int = DEFAULT_MAX_MASK_BYTES) -> list[slice]:
+        return _row_chunks(self.num_queries, self.num_keys, self.num_pairs if pairs_per_call is None else pairs_per_call, max_bytes)
+
+    def sdpa_mask(self, pair_indices=None, query_slice: slice = slice(None), device=None, dtype=torch.float32) -> torch.Tensor:
+        pair_indices = _pair_index_tensor(pair_indices, self.num_pairs).to(self.masks.device)
+        chunk = self.masks[pair_indices, query_slice]  # a copy of the chosen pairs' rows only
+        chunk = chunk if self.mode == "hard" else chunk.to(dtype)
+        return chunk[:, None].to(device) if device is not None else chunk[:, None]
+
+
 def epipolar_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: EpipolarMask,
+    mask: EpipolarMask | DenseEpipolarMask,
     pair_indices: Sequence[int] | torch.Tensor | None = None,
     max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES,
 ) -> torch.Tensor:
     """Masked attention of source-view queries over target-view keys, never holding more than about
-    max_mask_bytes of mask: the mask is built and used one block of query rows at a time.
+    max_mask_bytes of mask: the mask is built (or, for a DenseEpipolarMask, gathered) and used one block of query
+    rows at a time.
 
     query (p, heads, Q, d) with Q = the mask's query cells; key, value (p, heads, K, d) with K = its key cells;
     pair p uses mask pair pair_indices[p] (default: all pairs in order). Returns (p, heads, Q, d_v). With a hard
@@ -252,6 +304,11 @@ def reference_size_for(cameras: CameraRig, long_side: int) -> tuple[int, int]:
         raise InvalidInput("reference_resolution", f"must be positive, got {long_side}", "use 256 (CVD) or the image size")
     scale = long_side / max(cameras.height, cameras.width)
     return max(1, round(cameras.height * scale)), max(1, round(cameras.width * scale))
+
+
+def _row_chunks(queries: int, keys: int, pairs: int, max_bytes: int) -> list[slice]:
+    rows = max(1, max_bytes // (_BYTES_PER_ENTRY * max(1, pairs) * keys))
+    return [slice(start, min(start + rows, queries)) for start in range(0, queries, rows)]
 
 
 def _check_size(name: str, size) -> None:

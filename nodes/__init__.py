@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .aware_denoising import AwareDenoising, AwareReconstruction
 from .cameras import LoadCameraTrajectory, OrbitCameras
+from .cvd import ApplyCVD, LoadCVDModule
 from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, RollbackEuler, SV3DConditioning
 from .epipolar import EpipolarMask, PreviewEpipolarMask
 from ..integration.host import register_model_folders
@@ -20,7 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     OrbitCameras, LoadCameraTrajectory, EpipolarMask, PreviewEpipolarMask,
     LoadMultiviewImages, ImagesToMultiviewVideo, MultiviewVideoToImages, ExampleScene,
     LoadMultiviewModel, MultiviewConditioning, ImageDreamConditioning,
-    LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl,
+    LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl, LoadCVDModule, ApplyCVD,
     LoadAlignmentAdapters, ApplyAlignmentAdapters, TrainAlignmentAdapters, MakeDemoTrainingSet,
     SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode, CompileBlocksNode,
     AwareDenoising, AwareReconstruction,

@@ -279,7 +279,7 @@ class DecodeGrid(io.ComfyNode):
             inputs=[
                 io.Vae.Input("vae", tooltip="SVD's VAE (temporal decoder) or any SD-latent VAE."),
                 io.Latent.Input("grid_latent", tooltip="The sampled grid, view-major (SamplerCustomAdvanced output)."),
-                Cameras.Input("cameras", tooltip="The grid's cameras, one per view."),
+                Cameras.Input("cameras", tooltip="The grid's cameras: one per view, or one per view and frame (view-major, cameras that move)."),
                 io.Int.Input("frames_per_decode", default=0, min=0, max=4096,
                              tooltip="Frames decoded together (temporal decoder); 0 = a whole row. Lower it if VRAM runs out."),
                 io.Float.Input("preview_fps", default=8.0, min=1.0, max=60.0, step=1.0, tooltip="Frame rate of the animated preview."),
@@ -295,7 +295,10 @@ class DecodeGrid(io.ComfyNode):
         node = DECODE_GRID
         check_numbers(node, locals())
         samples, recorded = image_samples(grid_latent)
-        views = len(cameras)
+        if recorded is not None and recorded.frames > 1 and len(cameras) == recorded.cells:
+            views = recorded.views  # cameras that move: one per view and frame, view-major (MV4D Apply CVD's)
+        else:
+            views = len(cameras)
         if samples.ndim != 4 or samples.shape[0] % views:
             raise input_error(node, "grid_latent", f"a latent batch of {samples.shape[0]} does not split into {views} views",
                               "connect the grid sampled from MV4D Grid Conditioning's latent with the same cameras")

@@ -103,7 +103,7 @@ class LoadCameraCtrl(io.ComfyNode):
             description="Loads CameraCtrl (for AnimateDiff v3) from models/animatediff_models: the original CameraCtrl.ckpt "
                         "(pose encoder + attention processors) or AnimateDiff-Evolved's CameraCtrl_pruned.safetensors.",
             inputs=[motion_file_input("cameractrl", "A CameraCtrl file in models/animatediff_models.")],
-            outputs=[CameraCtrlSocket.Output("cameractrl", tooltip="For MV4D Apply Camera Control.")],
+            outputs=[CameraCtrlSocket.Output("cameractrl_out", display_name="cameractrl", tooltip="For MV4D Apply Camera Control or MV4D Apply CVD.")],
         )
 
     @classmethod
@@ -134,15 +134,28 @@ class ApplyCameraControl(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, cameractrl, cameras, scale) -> io.NodeOutput:
-        motion = motion_of(model)
-        if motion is None:
-            raise input_error(APPLY_CAMERA, "model", "this MODEL has no motion module", "put MV4D Apply Motion Module (AnimateDiff v3) before it")
-        names = set(cameractrl.merges())
-        missing = [name for name in motion.modules_named() if not name.startswith("mid_block") and name not in names]
-        if missing:
-            raise input_error(APPLY_CAMERA, "cameractrl", f"it has no qkv_merge for motion module {missing[0]}",
-                              "use the CameraCtrl file made for this motion module (AnimateDiff v3)")
-        if cameras.height % 8 or cameras.width % 8:
-            raise input_error(APPLY_CAMERA, "cameras", f"image size {cameras.width}x{cameras.height} is not a multiple of 8",
-                              "set the cameras' width and height to multiples of 8")
+        check_camera_control(APPLY_CAMERA, model, cameractrl)
+        check_camera_size(APPLY_CAMERA, "cameras", cameras)
         return io.NodeOutput(with_camera_control(model, cameractrl, cameras, scale))
+
+
+def check_camera_size(node: str, input_name: str, cameras) -> None:
+    """CameraCtrl's pose encoder halves the latent three times with average pooling (rounding down) where the UNet's
+    strided convolutions round up: their feature maps agree only for latent sides divisible by 8."""
+    if cameras.height % 64 or cameras.width % 64:
+        raise input_error(node, input_name, f"image size {cameras.width}x{cameras.height}: CameraCtrl needs width and height "
+                          "that are multiples of 64 (its pose encoder's levels must match the UNet's)",
+                          "set the cameras' width and height to multiples of 64 (e.g. 256 x 384)")
+
+
+def check_camera_control(node: str, model, cameractrl):
+    """The MODEL's motion modules, once it is known that CameraCtrl fits them (else a node error)."""
+    motion = motion_of(model)
+    if motion is None:
+        raise input_error(node, "model", "this MODEL has no motion module", "put MV4D Apply Motion Module (AnimateDiff v3) before it")
+    names = set(cameractrl.merges())
+    missing = [name for name in motion.modules_named() if not name.startswith("mid_block") and name not in names]
+    if missing:
+        raise input_error(node, "cameractrl", f"it has no qkv_merge for motion module {missing[0]}",
+                          "use the CameraCtrl file made for this motion module (AnimateDiff v3)")
+    return motion

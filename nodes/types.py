@@ -18,3 +18,5 @@ MotionModuleSocket = io.Custom("MV4D_MOTION_MODULE")
 CameraCtrlSocket = io.Custom("MV4D_CAMERACTRL")
 # kernels.models.alignment.AlignmentAdapters: Vivid-ZOO's alignment layers, with what they were made for.
 AlignmentAdaptersSocket = io.Custom("MV4D_ALIGNMENT_ADAPTERS")
+# kernels.models.cvd.CVDModel: CVD's cross-video synchronisation modules.
+CVDModuleSocket = io.Custom("MV4D_CVD_MODULE")

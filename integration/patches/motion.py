@@ -97,10 +97,10 @@ class MotionForward(SharedPatch):
 
     def __call__(self, layer, x, emb, context, transformer_options, *args, **kwargs):
         grid = call_grid(transformer_options, x.shape[0])
-        data = call_data(transformer_options)  # CameraCtrl's pose features, when a camera-control patch set them
+        data = call_data(transformer_options)  # CameraCtrl's pose features and CVD's pairing, when their patches set them
         with kernel_errors_as_node_errors(APPLY_NODE):
             return layer(x, ModuleCall(grid, comfy_attention_function, data.get("camera_features", {}).get(layer.pose_level),
-                                       data.get("pose_scale", 1.0), self.cross_frame_norm))
+                                       data.get("pose_scale", 1.0), self.cross_frame_norm, data.get("cross_video")))
 
 
 def call_grid(transformer_options: dict, batch: int) -> Grid:

@@ -27,10 +27,10 @@ class SingleTokenCrossAttention(torch.nn.Module):
         self.attn_precision = getattr(attention, "attn_precision", None)
         object.__setattr__(self, "original", attention)  # not a submodule: its weights are the ones registered above
 
-    def forward(self, x, context=None, value=None, mask=None, transformer_options={}):
+    def forward(self, x, context=None, value=None, mask=None, transformer_options=None):
         keys = value if value is not None else context
         if context is None or mask is not None or context.shape[1] != 1 or keys.shape[1] != 1:
-            return self.original(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
+            return self.original(x, context=context, value=value, mask=mask, transformer_options=transformer_options or {})
         return self.to_out(self.to_v(keys)).expand(-1, x.shape[1], -1)
 
 

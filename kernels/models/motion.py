@@ -118,14 +118,16 @@ class TemporalTransformer(nn.Module):
 
 @dataclass(frozen=True)
 class ModuleCall:
-    """What one motion-module call needs besides its input: the grid of the batch, the attention function, and
-    CameraCtrl's pose features at this module's resolution ((B, C, h, w), or None)."""
+    """What one motion-module call needs besides its input: the grid of the batch, the attention function,
+    CameraCtrl's pose features at this module's resolution ((B, C, h, w), or None), and what the cross-video module
+    after it needs for this call (CVD: a kernels.models.cvd.CrossVideoCall, the pairing and the masks)."""
 
     grid: Grid
     attention: Attention = sdpa_attention
     pose: torch.Tensor | None = None
     pose_scale: float = 1.0
     cross_frame_norm: bool = False  # AnimateDiff v1: GroupNorm statistics over all frames of a video
+    cross_video: object | None = None
 
 
 class MotionModule(nn.Module):

@@ -109,6 +109,33 @@ NOTES["vividzoo_train_adapters"] = [
     "## Smaller GPUs\n\nTraining keeps the 128-image grid's activations for the backward pass: gradient checkpointing "
     "(on here) trades time for memory; lower `frames` to fit. For long runs use `mv4d-train-adapters` (README).",
 ]
+CVD_FILES = ("## Model files\n\nAn SD1.5 checkpoint in `models/checkpoints/`; in `models/animatediff_models/`: "
+             "`v3_sd15_mm.ckpt` (huggingface.co/guoyww/animatediff), `CameraCtrl.ckpt` (huggingface.co/hehao13/CameraCtrl) "
+             "and `CVD.ckpt`, CVD's synchronisation module (the Google Drive link in the README of "
+             "github.com/CollaborativeVideoDiffusion/CVD; it is read as weights only, or convert it once to "
+             "`CVD.safetensors`, see mv4d's README).")
+NOTES["text_to_videos_cvd"] = [
+    "## Text + 2 camera paths -> 2 videos of one scene (CVD)\n\nAnimateDiff v3 + CameraCtrl + CVD's synchronisation "
+    "modules: MV4D Apply CVD takes one trajectory per video (here two arcs that start at the same camera and turn "
+    "opposite ways, as CVD's pose pairs do; MV4D Load Camera Trajectory reads RealEstate10K pose files) and gives one "
+    "latent of every video's frames. At each frame the two videos attend to each other near the epipolar lines of "
+    "their cameras, so they show the same scene. DDIM 25 steps, CFG 8.5 (CVD's setting).",
+    CVD_FILES,
+    "## Smaller GPUs\n\nTwo 16-frame videos at 256 px are one batch of 64 latents with CFG; their epipolar masks take "
+    "72 MB in fp16 (`mask_cache_mb` bounds what is kept). Lower `frames` or `size` (a multiple of 64). CameraCtrl holds at "
+    "most 16 frames.",
+]
+NOTES["text_to_4d_cvd"] = [
+    "## Text + 4 camera paths on one orbit -> 4 videos -> 4D Gaussians (CVD)\n\nFour trajectories, each a quarter "
+    "of one orbit, make four synchronised videos of the prompt (MV4D Apply CVD pairs the videos at random at every "
+    "step; `matchings` averages several pairings). Because every camera lies on one orbit, the videos are a "
+    "multi-view video with moving cameras: MV4D Decode Grid passes every video's cameras on, and MV4D Fit 4D "
+    "Gaussians fits them; a turntable and the 4D files are saved.",
+    CVD_FILES,
+    "## Smaller GPUs\n\nFour 16-frame videos at 256 px are one batch of 128 latents with CFG and 430 MB of masks "
+    "in fp16. Lower `frames`, `size` (a multiple of 64) or the fit's iterations; use 2 videos "
+    "(text_to_videos_cvd) on small cards.",
+]
 
 # Where the models our loaders name come from (ComfyUI model metadata: the frontend offers them when missing).
 MODEL_PAGES = {
@@ -124,7 +151,7 @@ MODEL_PAGES = {
 }
 LOADER_INPUTS = {"MV4D_LoadMultiviewModel": ("ckpt_name", "checkpoints"), "ImageOnlyCheckpointLoader": ("ckpt_name", "checkpoints"),
                  "CheckpointLoaderSimple": ("ckpt_name", "checkpoints"), "MV4D_LoadMotionModule": ("motion_module", "animatediff_models"),
-                 "MV4D_LoadCameraCtrl": ("cameractrl", "animatediff_models")}
+                 "MV4D_LoadCameraCtrl": ("cameractrl", "animatediff_models"), "MV4D_LoadCVDModule": ("cvd_module", "animatediff_models")}
 
 # The frontend's own arrangement of the API prompt: where each node goes and how large it is.
 LAYOUT = """(async (api, name) => {

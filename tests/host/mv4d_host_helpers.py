@@ -103,7 +103,7 @@ TINY_NODE_SETTINGS = {  # per node type, what a CPU test machine runs instead
 
 
 TINY_LOADERS = {"ImageOnlyCheckpointLoader", "MV4D_LoadMultiviewModel", "CheckpointLoaderSimple", "MV4D_LoadMotionModule",
-                "MV4D_LoadCameraCtrl"}
+                "MV4D_LoadCameraCtrl", "MV4D_LoadCVDModule"}
 
 
 def tiny_multiview_kind(ckpt_name: str) -> str:
@@ -138,6 +138,8 @@ def on_tiny_models(prompt: dict) -> dict:
             node["inputs"] = {"version": "v2" if "v2" in name else "v1" if name.startswith("mm_sd_v15.") else "v3"}
         elif kind == "MV4D_LoadCameraCtrl":
             node["class_type"], node["inputs"] = "MV4DTest_TinyCameraCtrl", {}
+        elif kind == "MV4D_LoadCVDModule":
+            node["class_type"], node["inputs"] = "MV4DTest_TinyCVDModule", {}
         elif kind == "PrimitiveInt" and title in TINY_SETTING:
             inputs["value"] = TINY_SETTING[title]
         elif kind in TINY_NODE_SETTINGS:

@@ -311,3 +311,25 @@ def tiny_cameractrl(seed: int = 600, zero_merge: bool = False):
     control = CameraControl(load_pose_encoder(checkpoint, operations=comfy.ops.manual_cast),
                             qkv_merge_layers(checkpoint, operations=comfy.ops.manual_cast))
     return control.eval().requires_grad_(False)
+
+
+def tiny_cvd_checkpoint(seed: int = 700, zero: bool = False) -> dict:
+    """CVD.ckpt's layout for the tiny motion modules: {'unet_trainable_dict': down_blocks.N.epi_modules.M.epi_transformer.*
+    (20 modules at the tiny channels), 'epoch': 0}, as train_epi_control.py saves it (torch.save). zero: proj_out at
+    zero, as CVD starts training (the modules then change nothing)."""
+    from mv4d.kernels.models.cvd import CVDModel
+
+    model = CVDModel(TINY_MOTION_CHANNELS)
+    init_weights(model, seed)
+    if zero:
+        model.zero_init()
+    return {"unet_trainable_dict": {key: value.clone() for key, value in model.state_dict().items()}, "epoch": 0}
+
+
+def tiny_cvd_module(seed: int = 700, zero: bool = False):
+    import comfy.ops
+
+    from mv4d.kernels.models.cvd import load_cvd_model, normalize_cvd_state_dict
+
+    normalized = normalize_cvd_state_dict(tiny_cvd_checkpoint(seed, zero))
+    return load_cvd_model(normalized, operations=comfy.ops.manual_cast).eval().requires_grad_(False)

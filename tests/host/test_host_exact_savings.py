@@ -68,7 +68,7 @@ def count_shortcuts(monkeypatch) -> list:
 
     taken, original = [], SingleTokenCrossAttention.forward
 
-    def counting(self, x, context=None, value=None, mask=None, transformer_options={}):
+    def counting(self, x, context=None, value=None, mask=None, transformer_options=None):
         taken.append(context is not None and context.shape[1] == 1 and mask is None)
         return original(self, x, context, value, mask, transformer_options)
 

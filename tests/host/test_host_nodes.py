@@ -27,6 +27,8 @@ EXPECTED_NODES = {
     "MV4D_ApplyAlignmentAdapters": "MV4D Apply Alignment Adapters",
     "MV4D_TrainAlignmentAdapters": "MV4D Train Alignment Adapters",
     "MV4D_MakeDemoTrainingSet": "MV4D Make Demo Training Set",
+    "MV4D_LoadCVDModule": "MV4D Load CVD Module",
+    "MV4D_ApplyCVD": "MV4D Apply CVD",
     "MV4D_SV3DConditioning": "MV4D SV3D Conditioning",
     "MV4D_GridConditioning": "MV4D Grid Conditioning",
     "MV4D_ComposedGuider": "MV4D Composed Guider",

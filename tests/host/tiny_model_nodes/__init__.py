@@ -99,6 +99,21 @@ class TinyCameraCtrl:
         return (tiny_models.tiny_cameractrl(),)
 
 
+class TinyCVDModule:
+    """MV4D Load CVD Module's output for a tiny CVD.ckpt."""
+
+    CATEGORY = "mv4d_tests"
+    RETURN_TYPES = ("MV4D_CVD_MODULE",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return (tiny_models.tiny_cvd_module(),)
+
+
 NODE_CLASS_MAPPINGS = {"MV4DTest_TinyCheckpoint": TinyCheckpoint, "MV4DTest_TinyMultiviewModel": TinyMultiviewModel,
                        "MV4DTest_TinySD15Checkpoint": TinySD15Checkpoint, "MV4DTest_TinyMotionModule": TinyMotionModule,
-                       "MV4DTest_TinyCameraCtrl": TinyCameraCtrl}
+                       "MV4DTest_TinyCameraCtrl": TinyCameraCtrl, "MV4DTest_TinyCVDModule": TinyCVDModule}
