@@ -231,9 +231,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="profile one step (torch.profiler): top kernels to stderr, time shares by kernel kind in the JSON")
     parser.add_argument("--profile-path", default="fast", help="the path whose step --profile profiles")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms per shape (ComfyUI's --fast autotune)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     holder = emulate_card(args.memory_cap_gib) if cuda and args.memory_cap_gib else None
     guider_module = import_host(cpu=not cuda)
     ComposedGuider = guider_module.ComposedGuider
@@ -265,7 +268,7 @@ def main() -> None:
     timer = UNetTimer([video_model, multiview_model]) if cuda and not args.compile else None
     result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "dtype": str(dtype),
               "views": args.views, "frames": args.frames, "size": args.size, "tiny": args.tiny,
-              "memory_cap_gib": args.memory_cap_gib or None, "compile": args.compile, "per_call": args.per_call, "build_seconds": round(build_seconds, 1)}
+              "memory_cap_gib": args.memory_cap_gib or None, "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark, "per_call": args.per_call, "build_seconds": round(build_seconds, 1)}
 
     fp8_models = None
     if "fp8" in args.paths.split(","):

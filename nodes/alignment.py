@@ -58,7 +58,7 @@ class MakeDemoTrainingSet(io.ComfyNode):
                 io.Int.Input("views", default=4, min=1, max=64, tooltip="Views per clip (Vivid-ZOO: 4)."),
                 io.Int.Input("frames", default=16, min=1, max=64, tooltip="Frames per clip (Vivid-ZOO: 16)."),
                 io.Int.Input("size", default=256, min=32, max=1024, step=8, tooltip="Image size in pixels (Vivid-ZOO: 256)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the orbits and time windows."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True, tooltip="Seed of the orbits and time windows."),
             ],
             outputs=[io.String.Output("dataset", tooltip="The training set, as MV4D Train Alignment Adapters lists it.")],
         )
@@ -159,7 +159,7 @@ class TrainAlignmentAdapters(io.ComfyNode):
                 io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=10_000_000, tooltip="Total optimizer steps (Vivid-ZOO: 100k)."),
                 io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=1e-8, max=0.1, step=1e-5, tooltip="AdamW learning rate (Vivid-ZOO: 1e-4)."),
                 io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=256, tooltip="Clips per step (Vivid-ZOO: 16 on 8 GPUs)."),
-                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**31 - 1, tooltip="Seed of clip, timestep and noise draws."),
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**31 - 1, control_after_generate=True, tooltip="Seed of clip, timestep and noise draws."),
                 io.Int.Input("checkpoint_every", default=DEFAULTS.checkpoint_every, min=1, max=1_000_000, tooltip="Steps between checkpoints."),
                 io.Boolean.Input("gradient_checkpointing", default=DEFAULTS.gradient_checkpointing, tooltip="Recompute activations in the backward pass: less VRAM, slower."),
                 io.Boolean.Input("bf16", default=DEFAULTS.bf16, tooltip="bfloat16 autocast on CUDA GPUs."),
