@@ -54,8 +54,13 @@ def cache_directory() -> Path:
 
 def use_persistent_caches(directory: Path) -> Path:
     """Point inductor's and Triton's on-disk caches into `directory`, unless the user has pointed them elsewhere
-    (then theirs are used). Returns the inductor cache directory in use."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory / "inductor"))
+    (then theirs are used). Returns the inductor cache directory in use. Inductor writes its default (a folder
+    in /tmp, which a restart empties) into the environment the first time it looks, so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if inductor is None or os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(directory / "triton"))
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 

@@ -84,6 +84,12 @@ def test_compiled_code_is_kept_under_comfyuis_user_folder_unless_the_user_chose(
 
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / CACHE_FOLDER / "inductor")
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / CACHE_FOLDER / "triton")
+    # inductor's own default, which it writes into the environment on first use, is not the user's choice
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    with_compiled_regions(svd_family_unet("svd"), backend="eager")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / CACHE_FOLDER / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     with_compiled_regions(svd_family_unet("svd"), backend="eager")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
