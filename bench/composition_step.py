@@ -8,17 +8,14 @@ parameters each; random weights: compute does not depend on the values), in bf16
   - "fp8": "fast" with both models through MV4D FP8 Matmuls (optional speed-up; changes the result);
   - "alternate": "fast" with alternate_models (optional speed-up: one model per evaluation; changes the result),
     timed over the evaluations after the first (one runs the video model, the next the multi-view model);
-  - "shortcut": "fast" with the exact single-token cross-attention shortcut on both models;
-  - "blocks": "shortcut" with both models through MV4D Compile Blocks (regional torch.compile; the warm-up step
-    compiles, or loads the compiled code from --compile-cache when an earlier process left it there).
+  - "shortcut": "fast" with the exact single-token cross-attention shortcut on both models.
 Reports seconds per step, UNet FLOPs (torch's flop counter), achieved TFLOP/s, the share of the step outside the
 UNets (CUDA events around every UNet forward), peak VRAM, and the projected image -> 4D time. One JSON line.
 
     python -P bench/composition_step.py                        # paper setting, CUDA
     python -P bench/composition_step.py --memory-cap-gib 24    # as on a 24 GB card (another process holds the rest)
     python -P bench/composition_step.py --paths fast,fp8,alternate --no-flops   # the optional speed-ups, side by side
-    python -P bench/composition_step.py --paths fast,shortcut,blocks --compile-cache /tmp/mv4d_cc   # exact savings;
-        # run the same command again (a new process) for the compile time with the cache warm
+    python -P bench/composition_step.py --paths fast,shortcut --profile --profile-path shortcut   # exact savings
     OMP_NUM_THREADS=1 python -P bench/composition_step.py --tiny --views 3 --frames 4 --size 64   # CPU smoke run
 
 Needs a ComfyUI source tree at $COMFYUI_DIR or ~/ComfyUI (its Python requirements installed).
@@ -217,9 +214,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
-    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, fp8, alternate, shortcut, blocks")
-    parser.add_argument("--compile-cache", default="",
-                        help="blocks path: where MV4D Compile Blocks keeps compiled code (default: a fresh folder, a cold compile)")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, fp8, alternate, shortcut")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
     parser.add_argument("--compile", action="store_true",
@@ -275,25 +270,17 @@ def main() -> None:
         from mv4d.integration.patches.fp8_matmuls import with_fp8_matmuls
 
         fp8_models = (with_fp8_matmuls(video_model), with_fp8_matmuls(multiview_model))
-    shortcut_models = blocks_models = None
-    if {"shortcut", "blocks"} & set(args.paths.split(",")):
-        import tempfile
-
-        from mv4d.integration.compiled_regions import use_persistent_caches, with_compiled_regions
+    shortcut_models = None
+    if "shortcut" in args.paths.split(","):
         from mv4d.integration.patches.single_token_attention import with_single_token_attention
 
         shortcut_models = (with_single_token_attention(video_model), with_single_token_attention(multiview_model))
-        if "blocks" in args.paths.split(","):
-            cache = Path(args.compile_cache or tempfile.mkdtemp(prefix="mv4d_compile_"))
-            result["compile_cache"] = str(use_persistent_caches(cache))
-            result["compile_cache_was_empty"] = not any(cache.rglob("*"))
-            blocks_models = tuple(with_compiled_regions(m, persistent_cache=False) for m in shortcut_models)
     batch_sizes = BatchSizes()
     peak = PeakVram() if cuda else None
 
     def run(path: str, per_call: tuple[int, int]) -> float:
         """One joint evaluation (for "alternate": three, timed over the last two); its seconds."""
-        models = {"fp8": fp8_models, "shortcut": shortcut_models, "blocks": blocks_models}.get(path) or (video_model, multiview_model)
+        models = {"fp8": fp8_models, "shortcut": shortcut_models}.get(path) or (video_model, multiview_model)
         settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1],
                                   alternate_models=path == "alternate")  # otherwise the official defaults
         guider = ComposedGuider(*models, conditioning, settings)
@@ -370,12 +357,12 @@ def main() -> None:
         result["projected_decode_seconds"] = round(result["decode_row_seconds"] * args.views, 1)
     if "fast" in result and "plain" in result:
         result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
-    for path in ("fp8", "alternate", "shortcut", "blocks"):  # the speed-ups against the fast path of the same run
+    for path in ("fp8", "alternate", "shortcut"):  # the speed-ups against the fast path of the same run
         if "fast" in result and path in result:
             result[f"speedup_{path}_vs_fast"] = round(result["fast"]["step_seconds"] / result[path]["step_seconds"], 3)
     # the exact paths' projected job: 50 steps, the first 10 evaluated twice (rollback), 60 joint evaluations; the
     # reference row and column cost one row / one column per step with CFG (about 2 / (V + F) of a joint step each)
-    for path in [p for p in ("fast", "shortcut", "blocks") if p in result]:
+    for path in [p for p in ("fast", "shortcut") if p in result]:
         suffix = "" if path == "fast" else f"_{path}"
         step = result[path]["step_seconds"]
         sampling = 60 * step + 50 * step * 2 / (args.views + args.frames)

@@ -14,7 +14,7 @@ from .motion import ApplyCameraControl, ApplyMotionModule, LoadCameraCtrl, LoadM
 from .multiview import ImageDreamConditioning, LoadMultiviewModel, MultiviewConditioning
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
 from .preview_4d import Preview4D
-from .speed import CompileBlocksNode, Fp8MatmulsNode
+from .speed import Fp8MatmulsNode
 from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
 
 NODES: list[type[io.ComfyNode]] = [
@@ -23,7 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMultiviewModel, MultiviewConditioning, ImageDreamConditioning,
     LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl, LoadCVDModule, ApplyCVD,
     LoadAlignmentAdapters, ApplyAlignmentAdapters, TrainAlignmentAdapters, MakeDemoTrainingSet,
-    SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode, CompileBlocksNode,
+    SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
     AwareDenoising, AwareReconstruction,
     Fit4DGaussians, Render4D, Save4D, Load4D, Preview4D,
 ]

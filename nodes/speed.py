@@ -1,5 +1,4 @@
-"""Nodes that make sampling faster (optional, off unless wired in): compiled UNet blocks (the same result up to
-floating-point rounding) and fp8 matrix products (changes the result)."""
+"""Nodes that make sampling faster at some cost in exactness (optional, off unless wired in)."""
 
 from __future__ import annotations
 
@@ -7,12 +6,10 @@ from comfy_api.latest import io
 
 from ..kernels.fp8_matmul import FP8_CAPABILITY, gpu_has_fp8_matmuls
 from ..integration import host
-from ..integration.compiled_regions import CACHE_FOLDER, with_compiled_regions
 from ..integration.patches.fp8_matmuls import with_fp8_matmuls
 from ..integration.node_errors import input_error
 
 FP8_NODE = "MV4D FP8 Matmuls"
-COMPILE_NODE = "MV4D Compile Blocks"
 
 
 class Fp8MatmulsNode(io.ComfyNode):
@@ -43,32 +40,3 @@ class Fp8MatmulsNode(io.ComfyNode):
                               "bypass or delete this node on this machine (Ctrl+B in the graph)")
         return io.NodeOutput(with_fp8_matmuls(model))
 
-
-class CompileBlocksNode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="MV4D_CompileBlocks",
-            display_name=COMPILE_NODE,
-            category="mv4d/speed",
-            description="Optional speed-up: torch.compile (inductor) of the UNet's repeated blocks (ResBlocks with "
-                        "their temporal layers, feed-forward layers) instead of the whole UNet, compiled at the "
-                        "first sampling step. Blocks of one shape share one compiled graph (SVD and SV3D share "
-                        "theirs), every chunk size of MV4D Composed Guider runs the same graph, and the compiled code "
-                        f"is kept in ComfyUI's user folder ({CACHE_FOLDER}), so later runs, also after a restart, "
-                        "load it instead of compiling. The result is the same up to floating-point rounding. Needs "
-                        "a working torch.compile (on Windows: Triton for Windows). One per model, before the guider "
-                        "or sampler; see the README for measured first-run and later-run costs.",
-            inputs=[
-                io.Model.Input("model", tooltip="A diffusion model (e.g. SVD-XT or SV3D_p from its loader)."),
-                io.Boolean.Input("keep_compiled_code", default=True,
-                                 tooltip="Cache the compiled code on disk under ComfyUI's user folder (unless "
-                                         "TORCHINDUCTOR_CACHE_DIR is set), so later runs start in seconds."),
-            ],
-            outputs=[io.Model.Output("compiled_model", display_name="model",
-                                     tooltip="The same model; its repeated blocks run compiled while it samples.")],
-        )
-
-    @classmethod
-    def execute(cls, model, keep_compiled_code) -> io.NodeOutput:
-        return io.NodeOutput(with_compiled_regions(model, persistent_cache=keep_compiled_code))
