@@ -155,6 +155,12 @@ def grid_role(model, layout: Layout, grid: GridConditioning, settings: GuiderSet
 PER_ITEM_CONDS = ("concat_latent_image", "elevation", "azimuth")  # core conds with one entry per latent item
 
 
+def _entries(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.shape[0] if value.ndim else 1
+    return len(value) if isinstance(value, (list, tuple)) else 1
+
+
 def check_role_conditioning(role: ModelRole, grid: Grid) -> None:
     """Every per-item value of the role's conditioning has one entry per cell of the grid (ComfyUI would stretch or
     cut one of another length without a word)."""
@@ -163,7 +169,7 @@ def check_role_conditioning(role: ModelRole, grid: Grid) -> None:
             for name, value in options.items():
                 if name not in PER_ITEM_CONDS and not (name.startswith("mv4d_") and isinstance(value, torch.Tensor)):
                     continue
-                rows = value.shape[0] if isinstance(value, torch.Tensor) and value.ndim else len(value) if isinstance(value, (list, tuple)) else 1
+                rows = _entries(value)
                 if rows not in (1, grid.cells):
                     raise InvalidInput("grid_conditioning", f"the {role.noun}'s conditioning has {rows} '{name}' rows but "
                                        f"the grid is {grid.views} views x {grid.frames} frames ({grid.cells} cells)",
