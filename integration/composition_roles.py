@@ -17,6 +17,7 @@ import torch
 from comfy.ldm.modules.diffusionmodules.util import make_beta_schedule
 
 from ..kernels.composition import COLUMNS, FLOW_NOISE, ROWS, VE_NOISE, Layout, PredictionSpace
+from .node_errors import input_error
 from .patches.motion import has_motion
 from .patches.multiview import multiview_family
 
@@ -79,6 +80,19 @@ def why_not_a_role(model) -> str | None:
     if has_motion(model) == "AnimateDiff-Evolved":
         return "it carries AnimateDiff-Evolved's motion modules; apply the motion module with MV4D Apply Motion Module"
     return None
+
+
+def checked_family(node: str, input_name: str, model, layout: Layout, other_input: str) -> ModelFamily:
+    """The model's family, which must denoise `layout`; else a refusal naming what it is and what to do."""
+    family = family_of(model)
+    if family is not None and family.layout is layout:
+        return family
+    if family is not None:
+        found = LAYOUT_NOUNS[family.layout.name]
+        raise input_error(node, input_name, f"this is a {found} ({family.name}: {type(model.model).__name__}), not a "
+                          f"{LAYOUT_NOUNS[layout.name]}", f"swap the two model inputs: it belongs in '{other_input}'")
+    reason = why_not_a_role(model) or f"{type(getattr(model, 'model', model)).__name__} is not supported"
+    raise input_error(node, input_name, reason, f"supported pairs: {supported_pairs()}")
 
 
 # Prediction spaces, read from a MODEL's own sampling object (object patches such as AnimateDiff's schedule or core

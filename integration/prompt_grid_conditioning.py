@@ -16,7 +16,7 @@ import torch
 from ..kernels.cameras import CameraRig, mvdream_cameras, sv3d_angles
 from ..kernels.grid import Grid
 from .composed_guider import GridConditioning
-from .composition_roles import ANIMATEDIFF, MVDREAM, PROMPT_GRID_CONDITIONING_NODE, family_of, why_not_a_role
+from .composition_roles import ANIMATEDIFF, MVDREAM, PROMPT_GRID_CONDITIONING_NODE, checked_family
 from .grid_latent import grid_latent, image_samples
 from .node_errors import input_error, kernel_errors_as_node_errors
 from .patches.conds import with_mv4d_values
@@ -27,16 +27,11 @@ REFERENCE_ROW_NODE = "MV4D Reference Row Latent"
 NOISE_MASK = "noise_mask"  # core LATENT key: 1 where the sampler denoises, 0 where it keeps the latent
 
 
-def check_family(node: str, input_name: str, model, family, other_input: str) -> None:
-    found = family_of(model)
-    if found is family:
-        return
-    if found is not None and found.layout is not family.layout:
-        raise input_error(node, input_name, f"this is {found.name}, which denoises the {found.layout.name}",
-                          f"swap the two model inputs: it belongs in '{other_input}'")
-    reason = why_not_a_role(model)
-    raise input_error(node, input_name, reason or f"this MODEL is not {family.name}",
-                      f"connect {family.name}" if reason is None else f"connect {family.name} here")
+def check_pair_family(input_name: str, model, family, other_input: str) -> None:
+    found = checked_family(NODE, input_name, model, family.layout, other_input)
+    if found is not family:
+        raise input_error(NODE, input_name, f"this is {found.name}, which {found.conditioning_node} conditions",
+                          f"connect {family.name}, or condition {found.name} with {found.conditioning_node}")
 
 
 def context_width(model) -> int | None:
@@ -67,8 +62,8 @@ def prompt_grid_conditioning(video_model, multiview_model, video_positive, video
     """(GridConditioning, grid LATENT) of a len(cameras) x frames grid. reference_column: a LATENT of one item per
     camera (MVDream sampled at these cameras), kept as frame 0; reference_row: a LATENT of `frames` items (a video
     at view 0), kept as row 0 (its frame 0 is the column's view 0 when both are given)."""
-    check_family(NODE, "video_model", video_model, ANIMATEDIFF, "multiview_model")
-    check_family(NODE, "multiview_model", multiview_model, MVDREAM, "video_model")
+    check_pair_family("video_model", video_model, ANIMATEDIFF, "multiview_model")
+    check_pair_family("multiview_model", multiview_model, MVDREAM, "video_model")
     table = motion_of(video_model).version.table_length
     if frames > table:
         raise input_error(NODE, "frames", f"{frames} frames, but the motion module's position table holds {table}",

@@ -18,12 +18,11 @@ from ..kernels.composition import (COLUMNS, ROLLBACK_STEPS, ROWS, SCHEDULES, Com
 from ..kernels.multiview_video import MultiviewVideo, even_times, mosaic
 from ..integration import host
 from ..integration.composed_guider import GUIDER, ComposedGuider
-from ..integration.composition_roles import (FAMILIES, GRID_CONDITIONING_NODE, LAYOUT_NOUNS, PROMPT_GRID_CONDITIONING_NODE,
-                                             family_of, supported_pairs, why_not_a_role)
+from ..integration.composition_roles import (FAMILIES, GRID_CONDITIONING_NODE, PROMPT_GRID_CONDITIONING_NODE, checked_family,
+                                             supported_pairs)
 from ..integration.grid_conditioning import encode_references, grid_conditioning, official_sv3d_angles, sv3d_conditioning
 from ..integration.grid_latent import decode_grid, grid_latent, image_samples
-from ..integration.prompt_grid_conditioning import (MVDREAM, REFERENCE_ROW_NODE, check_family, prompt_grid_conditioning,
-                                                    reference_row_latent)
+from ..integration.prompt_grid_conditioning import REFERENCE_ROW_NODE, prompt_grid_conditioning, reference_row_latent
 from ..integration.node_errors import check_numbers, input_error, kernel_errors_as_node_errors
 from .multiview import camera_inputs, rig_for
 from .types import Cameras, GridConditioningSocket, MultiviewVideoSocket
@@ -36,19 +35,6 @@ DECODE_GRID = "MV4D Decode Grid"
 SETTINGS, SCHEDULE, REFERENCE = GuiderSettings(), CompositionSchedule(), ReferenceSettings()  # the official defaults
 # The CFG interval's upper end in the node: above SVD/SV3D's sigma_max of 700, so every step is guided by default.
 GUIDANCE_SIGMA_MAX = 1000.0
-
-
-def check_model(node: str, input_name: str, model, layout, other_input: str):
-    """The model's family, which must denoise `layout`; else a refusal naming what it is and what to do."""
-    family = family_of(model)
-    if family is not None and family.layout is layout:
-        return family
-    if family is not None:
-        found = LAYOUT_NOUNS[family.layout.name]
-        raise input_error(node, input_name, f"this is a {found} ({family.name}: {type(model.model).__name__}), not a "
-                          f"{LAYOUT_NOUNS[layout.name]}", f"swap the two model inputs: it belongs in '{other_input}'")
-    reason = why_not_a_role(model) or f"{type(getattr(model, 'model', model)).__name__} is not supported"
-    raise input_error(node, input_name, reason, f"supported pairs: {supported_pairs()}")
 
 
 def check_pair(node: str, video_family, multiview_family, grid_conditioning) -> None:
@@ -214,9 +200,8 @@ class PromptGridConditioningNode(io.ComfyNode):
     @classmethod
     def execute(cls, video_model, multiview_model, video_positive, video_negative, multiview_positive, multiview_negative,
                 views, width, height, frames, cameras=None, reference_column=None, reference_row=None) -> io.NodeOutput:
+        # without cameras, MVDream's default views (None when it is no MVDream: refused by the conditioning first)
         rig = rig_for(PROMPT_GRID_CONDITIONING, multiview_model, cameras, views, width, height)
-        if rig is None:  # no cameras, and no MVDream to take its default cameras from
-            check_family(PROMPT_GRID_CONDITIONING, "multiview_model", multiview_model, MVDREAM, "video_model")
         conditioning, latent = prompt_grid_conditioning(video_model, multiview_model, video_positive, video_negative,
                                                         multiview_positive, multiview_negative, rig, frames,
                                                         reference_column, reference_row)
@@ -308,8 +293,8 @@ class ComposedGuiderNode(io.ComfyNode):
         if guidance_sigma_min > guidance_sigma_max:
             raise input_error(GUIDER, "guidance_sigma_min", f"{guidance_sigma_min} is above guidance_sigma_max {guidance_sigma_max}",
                               "set guidance_sigma_min <= guidance_sigma_max (or 0 and 1000 to guide every step)")
-        video_family = check_model(GUIDER, "video_model", video_model, ROWS, "multiview_model")
-        multiview_family = check_model(GUIDER, "multiview_model", multiview_model, COLUMNS, "video_model")
+        video_family = checked_family(GUIDER, "video_model", video_model, ROWS, "multiview_model")
+        multiview_family = checked_family(GUIDER, "multiview_model", multiview_model, COLUMNS, "video_model")
         check_pair(GUIDER, video_family, multiview_family, grid_conditioning)
         for name, model in (("video_model", video_model), ("multiview_model", multiview_model)):
             if "sampler_cfg_function" in model.model_options:

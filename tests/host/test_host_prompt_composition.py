@@ -318,12 +318,14 @@ def test_models_of_the_wrong_kind_or_pair_are_refused(mv4d_nodes, parts, prompts
 
     message = error_of(lambda: prompt_grid(mv4d_nodes, parts, prompts, cameras, video_model=parts["mvdream"],
                                            multiview_model=parts["animatediff"]))
-    assert "MV4D Prompt Grid Conditioning: input 'multiview_model'" in message or "input 'video_model'" in message
-    assert "swap the two model inputs" in message
+    assert message.startswith("MV4D Prompt Grid Conditioning: input 'video_model': this is a multi-view model (MVDream")
+    assert "swap the two model inputs: it belongs in 'multiview_model'" in message
     with torch.inference_mode():
         composite = with_motion(parts["mvdream"], tiny_motion_module("v2"))  # Vivid-ZOO's naive composite
     message = error_of(lambda: prompt_grid(mv4d_nodes, parts, prompts, cameras, multiview_model=composite))
     assert "input 'multiview_model': it is a multi-view video model" in message and "vividzoo_text_to_4d" in message
+    message = error_of(lambda: prompt_grid(mv4d_nodes, parts, prompts, cameras, video_model=tiny_checkpoint("svd")[0]))
+    assert "input 'video_model': this is SVD / SVD-XT, which MV4D Grid Conditioning conditions" in message
     conditioning, _, _ = prompt_grid(mv4d_nodes, parts, prompts, cameras)
     message = error_of(lambda: composed_guider(mv4d_nodes, parts, conditioning, multiview_model=composite))
     assert "MV4D Composed Guider: input 'multiview_model': it is a multi-view video model" in message
