@@ -274,6 +274,27 @@ def test_prediction_spaces_are_read_from_the_models_and_shown_by_the_guider(mv4d
     assert "sigma 0.02917..14.61" in text
 
 
+def test_3d_aware_denoising_wraps_the_text_pair_with_its_references(mv4d_nodes, parts, prompts, cameras):
+    """VideoMV's wrapper reads the grid from the composed guider: with blend weight 0 the grid is exactly the
+    guider's alone (the fits run), with weight 1 it changes off the references, which stay as given."""
+    column, row = references()
+    conditioning, latent, _ = prompt_grid(mv4d_nodes, parts, prompts, cameras, reference_column=column, reference_row=row)
+    guider = composed_guider(mv4d_nodes, parts, conditioning, videos_per_call=4096, multiview_sets_per_call=4096).result[0]
+    noise, sigmas = grid_noise(9), schedule_of(parts["mvdream"])
+
+    def aware(weight):
+        return run_node(mv4d_nodes.AwareDenoising, guider=guider, vae=parts["vae"], cameras=cameras, steps="1", fit_iterations=10,
+                        blend_weight=weight, fit_resolution=32, initial_gaussians=300, sigma_min=0.0, sigma_max=1000.0,
+                        background="white", frames_per_decode=0).result[0]
+
+    alone = sample(guider, noise, latent, sigmas)
+    silent = aware(0.0)
+    assert torch.equal(sample(silent, noise, latent, sigmas), alone) and [r.step for r in silent.mv4d_3d_aware.steps] == [1]
+    blended = sample(aware(1.0), noise, latent, sigmas).reshape(VIEWS, FRAMES, 4, LATENT, LATENT)
+    assert (blended[1:, 1:] - alone.reshape(VIEWS, FRAMES, 4, LATENT, LATENT)[1:, 1:]).abs().max() > 1e-3
+    assert (blended[:, 0] - column["samples"]).abs().max() < 1e-5 and (blended[0] - row["samples"]).abs().max() < 1e-5
+
+
 # Bad input.
 
 def test_pairs_whose_predictions_cannot_be_combined_are_refused(mv4d_nodes, parts, prompts, cameras):
