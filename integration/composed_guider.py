@@ -1,9 +1,17 @@
-"""The composed GUIDER: one sampling loop over a views x frames latent grid, denoised per step by a video model
-(rows, one video per view) and a multi-view model (columns, one multi-view set per frame), combined per cell.
+"""The composed GUIDER: one sampling loop over a views x frames latent grid, denoised per step by two model roles,
+a video model on the rows (one video per view) and a multi-view model on the columns (one multi-view set per
+frame), combined per cell.
 
-It is a comfy.samplers.CFGGuider, so every core sampler, scheduler and SamplerCustomAdvanced drive it. The video
-model is the guider's own model; the multi-view model rides along as an additional model of it, so ComfyUI's model
-management loads, offloads and accounts for both.
+A role (ModelRole) is a MODEL with its layout, its conditioning of the whole grid, its CFG and its chunking; how
+each role's groups are split into UNet calls is a policy object shared by the roles (ChunkPolicy; MeasuredChunks
+by default). The guider is a comfy.samplers.CFGGuider, so every core sampler, scheduler and SamplerCustomAdvanced
+drive it. The first role's model is the guider's own model; the other rides along as an additional model of it,
+so ComfyUI's model management loads, offloads and accounts for both.
+
+Both predictions are combined as x0 at the sampler's sigma: each model's own sampling object turns that sigma into
+its input scaling and timestep and its output into x0 (eps, v, EDM; LDM linear, sqrt_linear, EDM noise levels).
+That is one noise level for both only if they share the noise convention and the latent space, which the guider
+checks (kernels.composition.reconcile); at a sigma outside one model's trained range the other denoises alone.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import logging
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import comfy.conds
 import comfy.model_management as model_management
@@ -21,13 +30,16 @@ import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
-from ..kernels.composition import (GuiderSettings, balanced_chunk, cfg_scales, check_descending, chunks, items_that_fit,
-                                   model_weights, multiview_weight, step_of_sigma)
+from ..kernels.composition import (COLUMNS, ROWS, GuiderSettings, Layout, balanced_chunk, cfg_scales, check_descending,
+                                   chunks, covering_weights, items_that_fit, model_weights, multiview_weight, reconcile,
+                                   step_of_sigma)
+from ..kernels.errors import InvalidInput
 from ..kernels.grid import GRID_OPTION, Grid
+from .composition_roles import LAYOUT_NOUNS, prediction_space
 from .node_errors import input_error, kernel_errors_as_node_errors
 
 GUIDER = "MV4D Composed Guider"
-MULTIVIEW_MODEL_KEY = "mv4d_multiview_model"
+MULTIVIEW_MODEL_KEY = "mv4d_multiview_model"  # the additional-models key of the roles after the first
 # Automatic chunks use at most this share of free memory for one call's activations; the rest absorbs allocator
 # fragmentation and what a measured call cannot show.
 FREE_MEMORY_SHARE = 0.85
@@ -63,11 +75,14 @@ class PeakMemory:
 
 @dataclass(frozen=True)
 class GridConditioning:
-    """What the composed guider needs besides the models: the grid shape and each model's conditioning.
+    """What the composed guider needs besides the models: the grid shape and each role's conditioning, as a
+    conditioning node built them for one pair of model families.
 
-    video_*: CONDITIONING of the whole grid in view-major order (per-frame CLIP embedding and concat latent of the
-    row's reference view). multiview_*: the same for the multi-view model in column-major order (index f * V + v:
-    reference frame f for every cell of column f, with each view's elevation and azimuth).
+    video_*: the rows' CONDITIONING of the whole grid in view-major order (for SVD: per-frame CLIP embedding and
+    concat latent of the row's reference view; for AnimateDiff: the prompt). multiview_*: the columns' in
+    column-major order (index f * V + v; for SV3D: reference frame f for every cell of column f, with each view's
+    elevation and azimuth; for MVDream: the prompt with each view's camera). azimuths: each view's, from the
+    reference view (360 for the reference view itself), for the per-view weights.
     """
 
     views: int
@@ -80,16 +95,19 @@ class GridConditioning:
     video_negative: list
     multiview_positive: list
     multiview_negative: list
+    video_family: str = "svd"  # the model families (composition_roles.FAMILIES ids) it was built for
+    multiview_family: str = "sv3d"
+    source: str = "MV4D Grid Conditioning"  # the node that built it
 
     @property
     def grid(self) -> Grid:
         return Grid(self.views, self.frames)
 
 
-def _slice_conds(conds: list[dict], first: int, end: int, batch: int, call_grid: Grid) -> list[dict]:
-    """The conds of batch items first..end-1. Per-item tensors (batch B) are sliced; num_video_frames becomes the
-    length of one video / multi-view set, so the UNet's temporal layers see each one on its own, and the call's grid
-    (one row, 1 x F, or one column, V x 1, per group) goes to the model's patches."""
+def _slice_conds(conds: list[dict], items: slice | torch.Tensor, batch: int, call_grid: Grid) -> list[dict]:
+    """The conds of some batch items (a slice or indices). Per-item tensors (batch B) are sliced; num_video_frames
+    becomes the length of one video / multi-view set, so the UNet's temporal layers see each one on its own, and the
+    call's grid (one row, 1 x F, or one column, V x 1, per group) goes to the model's patches."""
     sliced = []
     for cond in conds:
         model_conds = {}
@@ -97,160 +115,113 @@ def _slice_conds(conds: list[dict], first: int, end: int, batch: int, call_grid:
             if name == "num_video_frames":
                 value = comfy.conds.CONDConstant(call_grid.cells)
             elif isinstance(getattr(value, "cond", None), torch.Tensor) and value.cond.shape[0] == batch:
-                value = value._copy_with(value.cond[first:end])
+                value = value._copy_with(value.cond[items])
             model_conds[name] = value
         model_conds[GRID_OPTION] = comfy.conds.CONDConstant(call_grid)
         sliced.append({**cond, "model_conds": model_conds})
     return sliced
 
 
-class ComposedGuider(comfy.samplers.CFGGuider):
-    def __init__(self, video_model, multiview_model, grid: GridConditioning, settings: GuiderSettings):
-        video_model = video_model.clone()
-        # loaded, offloaded and counted together with the video model by ComfyUI's model management
-        video_model.set_additional_models(MULTIVIEW_MODEL_KEY, [multiview_model])
-        # ComfyUI sizes the load (and may choose a partial, low-VRAM load) for the whole latent batch at once; we
-        # evaluate one chunk of videos at a time, so size it for a single video
-        video_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, MULTIVIEW_MODEL_KEY,
-                                         self._size_for_one_video)
-        super().__init__(video_model)
-        self.multiview_patcher = multiview_model
-        self.grid_conditioning = grid
-        self.settings = settings
-        self.inner_set_conds({"positive": grid.video_positive, "negative": grid.video_negative})
-        self.multiview_original_conds = {
-            "positive": comfy.sampler_helpers.convert_cond(grid.multiview_positive),
-            "negative": comfy.sampler_helpers.convert_cond(grid.multiview_negative),
-        }
-        self.weights_log: list[tuple[int, float, float]] = []  # (step, sigma, multi-view weight s) per evaluation
-        self.predictions: dict[str, tuple[int, torch.Tensor]] = {}
+@dataclass(frozen=True)
+class ModelRole:
+    """One model of the composition: the MODEL, the layout it denoises (ROWS: a video per view; COLUMNS: a
+    multi-view set per frame), its CONDITIONING of the whole grid in that layout's order, its classifier-free
+    guidance (linear from cfg[0] to cfg[1] across each group: SVD's 1.5 -> 3.0 over frames) and how many groups one
+    UNet call takes (0: the chunk policy decides). input_name: what errors call it (the node input)."""
 
-    def _size_for_one_video(self, executor, model, noise_shape, conds, *args, **kwargs):
-        return executor(model, (self.grid_conditioning.frames, *noise_shape[1:]), conds, *args, **kwargs)
+    model: object
+    layout: Layout
+    positive: list
+    negative: list
+    cfg: tuple[float, float] = (1.0, 1.0)
+    per_call: int = 0
+    input_name: str = "model"
 
-    def _check_grid(self, noise: torch.Tensor) -> None:
-        grid = self.grid_conditioning
-        expected = (grid.views * grid.frames, grid.latent_height, grid.latent_width)
-        found = (noise.shape[0], *noise.shape[-2:])
-        if noise.ndim != 4 or found != expected:
-            raise input_error(
-                f"SamplerCustomAdvanced with {GUIDER}", "latent_image",
-                f"the latent batch is {tuple(noise.shape)} but the grid conditioning is {grid.views} views x "
-                f"{grid.frames} frames of {grid.latent_height}x{grid.latent_width} latents (batch {expected[0]})",
-                "use the latent output of MV4D Grid Conditioning (view-major, one item per view and frame)")
+    @property
+    def noun(self) -> str:
+        return LAYOUT_NOUNS[self.layout.name]
 
-    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, *args, **kwargs):
-        self._check_grid(noise)
-        with kernel_errors_as_node_errors(f"SamplerCustomAdvanced with {GUIDER}"):
-            check_descending(sigmas)
-        self.multiview_inner = self.multiview_patcher.model
-        self.multiview_patcher.pre_run()
-        try:
-            conds = {k: [c.copy() for c in v] for k, v in self.multiview_original_conds.items()}
-            column_noise = self.grid_conditioning.grid.column_major(noise)
-            self.multiview_conds = comfy.samplers.process_conds(self.multiview_inner, column_noise, conds, device, None, None, seed)
-            self.multiview_options = comfy.model_patcher.create_model_options_clone(self.multiview_patcher.model_options)
-            self.multiview_options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-            # the multi-view model's own wrappers, callbacks and hooks (e.g. core TorchCompileModel) apply as they
-            # would if it were sampled on its own
-            comfy.sampler_helpers.prepare_model_patcher(self.multiview_patcher, self.multiview_conds, self.multiview_options)
-            self.sample_sigmas = sigmas
-            self.weights_log = []
-            self.predictions = {}  # role -> (evaluation, x0 of the whole grid, view-major)
-            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, *args, **kwargs)
-        finally:
-            self.multiview_patcher.cleanup()
-            self.multiview_patcher.restore_hook_patches()
-            self.multiview_conds = self.multiview_inner = None
-            self.predictions = {}
 
-    def predict_noise(self, x, timestep, model_options=None, seed=None):
-        model_options = model_options if model_options is not None else {}
-        conditioning, settings = self.grid_conditioning, self.settings
-        grid = conditioning.grid
-        sigma = float(timestep.max())
-        steps = len(self.sample_sigmas) - 1
-        step = step_of_sigma(self.sample_sigmas, sigma)
-        self.weights_log.append((step, sigma, multiview_weight(settings.schedule, step, steps)))
-        video_weight, multiview_weight_ = (w.to(x) for w in model_weights(settings.schedule, step, steps, conditioning.azimuths))
-        guided = settings.guidance_sigmas[0] <= sigma <= settings.guidance_sigmas[1]
-        video_cfg, multiview_cfg = (settings.video_cfg, settings.multiview_cfg) if guided else ((1.0, 1.0), (1.0, 1.0))
+def grid_role(model, layout: Layout, grid: GridConditioning, settings: GuiderSettings) -> ModelRole:
+    """The role of a MODEL at a layout, with the grid conditioning's conditioning and the settings' CFG and
+    chunking for that layout."""
+    if layout is ROWS:
+        return ModelRole(model, ROWS, grid.video_positive, grid.video_negative, settings.video_cfg,
+                         settings.videos_per_call, "video_model")
+    return ModelRole(model, COLUMNS, grid.multiview_positive, grid.multiview_negative, settings.multiview_cfg,
+                     settings.multiview_sets_per_call, "multiview_model")
 
-        evaluation = len(self.weights_log) - 1
-        # a model with weight 0 everywhere this step is not evaluated at all
-        active = {"video": bool((video_weight > 0).any()), "multiview": bool((multiview_weight_ > 0).any())}
-        for role in ("video", "multiview"):
-            if active[role] and self._needs_evaluation(role, evaluation, both_active=all(active.values())):
-                if role == "video":
-                    prediction = self._video_prediction(x, timestep, model_options, video_cfg)
-                else:
-                    prediction = self._multiview_prediction(x, timestep, multiview_cfg)
-                self.predictions[role] = (evaluation, prediction)
-        denoised = torch.zeros_like(x)
-        if active["video"]:
-            denoised += grid.per_view(video_weight).view(-1, 1, 1, 1) * self.predictions["video"][1]
-        if active["multiview"]:
-            denoised += grid.per_view(multiview_weight_).view(-1, 1, 1, 1) * self.predictions["multiview"][1]
-        return denoised
 
-    def _needs_evaluation(self, role: str, evaluation: int, both_active: bool) -> bool:
-        """Always, unless alternate_models is on: then, while both models count, each evaluation runs one of them
-        (video on even, multi-view on odd evaluations) and reuses the other's prediction from the evaluation just
-        before. A model whose last prediction is older than that is always run."""
-        if not (self.settings.alternate_models and both_active):
-            return True
-        last = self.predictions.get(role)
-        if last is None or last[0] != evaluation - 1:
-            return True
-        return (evaluation % 2 == 0) == (role == "video")
+PER_ITEM_CONDS = ("concat_latent_image", "elevation", "azimuth")  # core conds with one entry per latent item
 
-    def _video_prediction(self, x, timestep, model_options, cfg) -> torch.Tensor:
-        """The video model's guided x0 of every row, view-major like the grid."""
-        grid = self.grid_conditioning.grid
-        prediction = torch.empty_like(x)
 
-        def evaluate(first: int, end: int) -> None:
-            prediction[first * grid.frames:end * grid.frames] = self._denoise(
-                self.inner_model, self.conds, model_options, grid.rows(x, first, end),
-                first * grid.frames, end * grid.frames, grid.row_grid, cfg, timestep)
+def _entries(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.shape[0] if value.ndim else 1
+    return len(value) if isinstance(value, (list, tuple)) else 1
 
-        self._run_in_chunks(self.inner_model, x, grid.frames, grid.views, self.settings.videos_per_call, cfg, evaluate)
-        return prediction
 
-    def _multiview_prediction(self, x, timestep, cfg) -> torch.Tensor:
-        """The multi-view model's guided x0 of every column, put back in the grid's view-major order."""
-        grid = self.grid_conditioning.grid
-        prediction = torch.empty_like(x)
+def check_role_conditioning(role: ModelRole, grid: Grid) -> None:
+    """Every per-item value of the role's conditioning has one entry per cell of the grid (ComfyUI would stretch or
+    cut one of another length without a word)."""
+    for conditioning in (role.positive, role.negative):
+        for _, options in conditioning:
+            for name, value in options.items():
+                if name not in PER_ITEM_CONDS and not (name.startswith("mv4d_") and isinstance(value, torch.Tensor)):
+                    continue
+                rows = _entries(value)
+                if rows not in (1, grid.cells):
+                    raise InvalidInput("grid_conditioning", f"the {role.noun}'s conditioning has {rows} '{name}' rows but "
+                                       f"the grid is {grid.views} views x {grid.frames} frames ({grid.cells} cells)",
+                                       "build the grid conditioning for these views and frames (one conditioning node "
+                                       "for the whole grid)")
 
-        def evaluate(first: int, end: int) -> None:
-            column_prediction = self._denoise(self.multiview_inner, self.multiview_conds, self.multiview_options,
-                                              grid.columns(x, first, end), first * grid.views, end * grid.views,
-                                              grid.column_grid, cfg, timestep)
-            grid.put_columns(prediction, first, end, column_prediction)
 
-        self._run_in_chunks(self.multiview_inner, x, grid.views, grid.frames, self.settings.multiview_sets_per_call, cfg, evaluate)
-        return prediction
+@dataclass(frozen=True)
+class ChunkWork:
+    """One role's UNet work in one evaluation, as a chunk policy sees it."""
 
-    def _run_in_chunks(self, model, x, group: int, total: int, requested: int, cfg: tuple[float, float], evaluate) -> None:
-        """evaluate(first, end) over all `total` videos (or multi-view sets), `requested` per UNet call, or
-        automatically as many as fit: the first calls are sized by ComfyUI's estimate (with its 1.5x margin, cond
-        and uncond batched together), every call of a size not seen before is measured, and later calls are sized
-        by those measurements, so chunks grow to what really fits within a few steps. An automatic call that still
-        runs out of memory is split in half and redone (the result does not depend on the chunks), and no later
-        call of that model is as large again."""
-        if requested > 0:
-            for first, end in chunks(total, requested):
+    model: object  # the BaseModel that runs it (measurements are kept per model)
+    groups: list[int]  # the groups (videos / multi-view sets) to evaluate, in the role's layout
+    group_size: int  # items per group
+    requested: int  # groups per call the role asks for; 0: the policy decides
+    passes: int  # UNet passes per item: 2 with CFG (cond and uncond batched), else 1
+    sample: torch.Tensor  # the grid's latent batch (its item shape, dtype and device)
+
+
+class ChunkPolicy(Protocol):
+    """How one role's groups are split into UNet calls. `evaluate(groups, model)` denoises those groups with that
+    BaseModel and writes them into the role's prediction; a policy calls it until every group of the work is done.
+    Roles share one policy object, so what it learns (measured memory) serves every step and role. A policy for
+    several devices would call evaluate with each device's clone of work.model, its share of the groups at a time."""
+
+    def run(self, work: ChunkWork, evaluate: Callable[[list[int], object], None]) -> None: ...
+
+
+class MeasuredChunks:
+    """The default policy: `requested` groups per call, or automatically as many as fit: the first calls are sized
+    by ComfyUI's estimate (with its 1.5x margin, cond and uncond batched together), every call of a size not seen
+    before is measured, and later calls are sized by those measurements, so chunks grow to what really fits within
+    a few steps. An automatic call that still runs out of memory is split in half and redone (the result does not
+    depend on the chunks), and no later call of that model is as large again. Measurements live in MEASURED_CALLS,
+    per model, as long as the model does."""
+
+    def run(self, work: ChunkWork, evaluate: Callable[[list[int], object], None]) -> None:
+        groups, model, x = work.groups, work.model, work.sample
+        total = len(groups)
+        if work.requested > 0:
+            for first, end in chunks(total, work.requested):
                 model_management.throw_exception_if_processing_interrupted()
-                evaluate(first, end)
+                evaluate(groups[first:end], model)
             return
-        passes = 1 if cfg == (1.0, 1.0) else 2
-        memory = MEASURED_CALLS.setdefault(model, {}).setdefault((passes, group, tuple(x.shape[1:]), x.dtype), CallMemory())
+        memory = MEASURED_CALLS.setdefault(model, {}).setdefault((work.passes, work.group_size, tuple(x.shape[1:]), x.dtype),
+                                                                 CallMemory())
         free = model_management.get_free_memory(x.device)
         if memory.peak_bytes:
             fit = items_that_fit(memory.peak_bytes, free * FREE_MEMORY_SHARE)
         else:
             fit = next((n for n in range(total, 0, -1)
-                        if model.memory_required([passes * n * group, *x.shape[1:]]) * 1.5 < free), 1)
+                        if model.memory_required([work.passes * n * work.group_size, *x.shape[1:]]) * 1.5 < free), 1)
         if memory.out_of_memory_at:
             fit = min(fit, memory.out_of_memory_at - 1)
         size, first = balanced_chunk(total, fit), 0
@@ -260,7 +231,7 @@ class ComposedGuider(comfy.samplers.CFGGuider):
             out_of_memory, measuring = False, end - first not in memory.peak_bytes
             try:
                 with PeakMemory(x.device).measure(enabled=measuring) as peak:
-                    evaluate(first, end)
+                    evaluate(groups[first:end], model)
             except torch.OutOfMemoryError:
                 if end - first == 1:
                     raise
@@ -276,17 +247,205 @@ class ComposedGuider(comfy.samplers.CFGGuider):
                 memory.peak_bytes[end - first] = peak.bytes
             first = end
 
-    def _denoise(self, model, conds, model_options, x, first: int, end: int, call_grid: Grid, cfg: tuple[float, float], timestep):
-        """Classifier-free guided x0 of a batch of whole videos / multi-view sets (batch items first..end-1 of the
-        grid in this model's order, each a `call_grid`), with a per-position CFG scale linear from cfg[0] to cfg[1]
-        in each of them."""
+
+@dataclass
+class RoleRun:
+    """A role during one sampling run: the BaseModel that runs it, its processed conds and model options, and the
+    groups that have a cell to denoise (groups whose every cell is a kept reference are not evaluated)."""
+
+    model: object
+    conds: dict
+    options: dict
+    open_groups: list[int]
+
+
+class ComposedGuider(comfy.samplers.CFGGuider):
+    def __init__(self, video_model, multiview_model, grid: GridConditioning, settings: GuiderSettings,
+                 chunking: ChunkPolicy | None = None):
+        """video_model / multiview_model: the rows' and the columns' ModelRole, or a bare MODEL, which then takes the
+        grid conditioning's conditioning and the settings' CFG and chunking of its layout (grid_role). Raises
+        InvalidInput (argument: the role's input name) for roles whose predictions cannot be combined."""
+        roles = tuple(role if isinstance(role, ModelRole) else grid_role(role, layout, grid, settings)
+                      for role, layout in ((video_model, ROWS), (multiview_model, COLUMNS)))
+        for role, layout in zip(roles, (ROWS, COLUMNS)):
+            if role.layout is not layout:
+                raise InvalidInput(role.input_name, f"this role denoises {role.layout.name}, but its place is the {layout.name}",
+                                   f"give the {layout.name} role here")
+            check_role_conditioning(role, grid.grid)
+        self.roles = roles
+        self.spaces = tuple(prediction_space(role.model) for role in roles)
+        self.noise_range = reconcile({role.input_name: space for role, space in zip(roles, self.spaces)})
+        primary = roles[0].model.clone()
+        # loaded, offloaded and counted together with the first role's model by ComfyUI's model management
+        primary.set_additional_models(MULTIVIEW_MODEL_KEY, [role.model for role in roles[1:]])
+        # ComfyUI sizes the load (and may choose a partial, low-VRAM load) for the whole latent batch at once; we
+        # evaluate one chunk of groups at a time, so size it for a single group
+        primary.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, MULTIVIEW_MODEL_KEY,
+                                     self._size_for_one_group)
+        super().__init__(primary)
+        self.grid_conditioning = grid
+        self.settings = settings
+        self.chunking = chunking or MeasuredChunks()
+        self.inner_set_conds({"positive": roles[0].positive, "negative": roles[0].negative})
+        self.additional_original_conds = [{"positive": comfy.sampler_helpers.convert_cond(role.positive),
+                                           "negative": comfy.sampler_helpers.convert_cond(role.negative)} for role in roles[1:]]
+        self.weights_log: list[tuple[int, float, float]] = []  # (step, sigma, multi-view weight s) per evaluation
+        self.predictions: dict[int, tuple[int, torch.Tensor]] = {}
+        self.runs: list[RoleRun] = []
+        self.known_x0: torch.Tensor | None = None
+
+    def summary(self) -> str:
+        """Each role's prediction space, and where they are combined (for the node's text)."""
+        lines = [f"{role.layout.name}: {role.noun}, {space.describe()}" for role, space in zip(self.roles, self.spaces)]
+        low, high = self.noise_range
+        lines.append(f"combined as x0 at equal sigma for sigma {low:.4g}..{high:.4g}; outside it the model trained "
+                     "there denoises alone")
+        return "\n".join(lines)
+
+    def _size_for_one_group(self, executor, model, noise_shape, conds, *args, **kwargs):
+        group = self.roles[0].layout.group_grid(self.grid_conditioning.grid).cells
+        return executor(model, (group, *noise_shape[1:]), conds, *args, **kwargs)
+
+    def _check_grid(self, noise: torch.Tensor) -> None:
+        grid = self.grid_conditioning
+        expected = (grid.views * grid.frames, grid.latent_height, grid.latent_width)
+        found = (noise.shape[0], *noise.shape[-2:])
+        if noise.ndim != 4 or found != expected:
+            sees = "; ".join(f"the {role.noun} denoises {role.layout.groups(grid.grid)} {role.layout.name} of "
+                             f"{role.layout.group_grid(grid.grid).cells} latents" for role in self.roles)
+            raise input_error(
+                f"SamplerCustomAdvanced with {GUIDER}", "latent_image",
+                f"the latent batch is {tuple(noise.shape)} but the grid conditioning is {grid.views} views x "
+                f"{grid.frames} frames of {grid.latent_height}x{grid.latent_width} latents (batch {expected[0]}: {sees})",
+                f"use the latent output of {grid.source} (view-major, one item per view and frame)")
+
+    def _check_noise_levels(self, sigmas: torch.Tensor) -> None:
+        """Every noise level the sampler will evaluate lies in some role's trained range; say where a role sits out."""
+        outside = {index: [] for index in range(len(self.roles))}
+        for step, sigma in enumerate(float(s) for s in sigmas[:-1]):
+            covered = [space.covers(sigma) for space in self.spaces]
+            if not any(covered):
+                ranges = ", ".join(f"{role.input_name} {space.sigma_min:.4g}..{space.sigma_max:.4g}"
+                                   for role, space in zip(self.roles, self.spaces))
+                raise InvalidInput("sigmas", f"step {step} is at sigma {sigma:.4g}, outside the noise levels every composed "
+                                   f"model was trained on ({ranges})", "take the sigmas from a scheduler of one of the "
+                                   "composed models (e.g. BasicScheduler with the model whose range is narrower)")
+            for index, inside in enumerate(covered):
+                if not inside:
+                    outside[index].append(step)
+        for index, steps in outside.items():
+            if steps:
+                role, space = self.roles[index], self.spaces[index]
+                logging.warning("%s: steps %s lie outside the %s's noise levels (sigma %.4g..%.4g): the other model "
+                                "denoises them alone", GUIDER, steps, role.noun, space.sigma_min, space.sigma_max)
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, *args, **kwargs):
+        self._check_grid(noise)
+        with kernel_errors_as_node_errors(f"SamplerCustomAdvanced with {GUIDER}"):
+            check_descending(sigmas)
+            self._check_noise_levels(sigmas)
+        grid = self.grid_conditioning.grid
+        open_groups = [role.layout.open_groups(grid, denoise_mask) for role in self.roles]
+        # where a group is not evaluated, its cells keep the reference, in the model's latent space as the core
+        # inner_sample below makes it (and as the sampler's inpainting puts it back)
+        self.known_x0 = latent_image
+        if latent_image is not None and torch.count_nonzero(latent_image) > 0:
+            self.known_x0 = self.inner_model.process_latent_in(latent_image)
+        additional = self.roles[1:]
+        for role in additional:
+            role.model.pre_run()
+        try:
+            self.runs = [RoleRun(None, {}, {}, open_groups[0])]  # the guider's own model: filled in at each call
+            for role, original, groups in zip(additional, self.additional_original_conds, open_groups[1:]):
+                conds = {k: [c.copy() for c in v] for k, v in original.items()}
+                ordered_noise = role.layout.order(grid, noise)
+                processed = comfy.samplers.process_conds(role.model.model, ordered_noise, conds, device, None, None, seed)
+                options = comfy.model_patcher.create_model_options_clone(role.model.model_options)
+                options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+                # the model's own wrappers, callbacks and hooks (e.g. core TorchCompileModel) apply as they would if it
+                # were sampled on its own
+                comfy.sampler_helpers.prepare_model_patcher(role.model, processed, options)
+                self.runs.append(RoleRun(role.model.model, processed, options, groups))
+            self.sample_sigmas = sigmas
+            self.weights_log = []
+            self.predictions = {}  # role index -> (evaluation, x0 of the whole grid, view-major)
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, *args, **kwargs)
+        finally:
+            for role in additional:
+                role.model.cleanup()
+                role.model.restore_hook_patches()
+            self.runs, self.predictions, self.known_x0 = [], {}, None
+
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        model_options = model_options if model_options is not None else {}
+        conditioning, settings = self.grid_conditioning, self.settings
+        grid = conditioning.grid
+        sigma = float(timestep.max())
+        steps = len(self.sample_sigmas) - 1
+        step = step_of_sigma(self.sample_sigmas, sigma)
+        self.weights_log.append((step, sigma, multiview_weight(settings.schedule, step, steps)))
+        shares = model_weights(settings.schedule, step, steps, conditioning.azimuths)
+        weights = covering_weights([role.layout.share(*shares) for role in self.roles],
+                                   [space.covers(sigma) for space in self.spaces])
+        weights = [w.to(x) for w in weights]
+        guided = settings.guidance_sigmas[0] <= sigma <= settings.guidance_sigmas[1]
+        self.runs[0] = RoleRun(self.inner_model, self.conds, model_options, self.runs[0].open_groups)
+
+        evaluation = len(self.weights_log) - 1
+        # a role with weight 0 everywhere this step is not evaluated at all
+        active = [bool((w > 0).any()) for w in weights]
+        for index, role in enumerate(self.roles):
+            if active[index] and self._needs_evaluation(index, evaluation, all(active)):
+                cfg = role.cfg if guided else (1.0, 1.0)
+                self.predictions[index] = (evaluation, self._role_prediction(index, x, timestep, cfg))
+        denoised = torch.zeros_like(x)
+        for index, weight in enumerate(weights):
+            if active[index]:
+                denoised += grid.per_view(weight).view(-1, 1, 1, 1) * self.predictions[index][1]
+        return denoised
+
+    def _needs_evaluation(self, index: int, evaluation: int, all_active: bool) -> bool:
+        """Always, unless alternate_models is on: then, while every role counts, each evaluation runs one of them
+        in turn (the video model on even, the multi-view model on odd evaluations) and reuses the others'
+        predictions from the evaluation just before. A role whose last prediction is older than that is always run."""
+        if not (self.settings.alternate_models and all_active):
+            return True
+        last = self.predictions.get(index)
+        if last is None or last[0] != evaluation - 1:
+            return True
+        return evaluation % len(self.roles) == index
+
+    def _role_prediction(self, index: int, x, timestep, cfg) -> torch.Tensor:
+        """A role's guided x0 of every group of the grid, put back in the grid's view-major order (groups whose
+        cells are all kept references keep the reference)."""
+        role, run, grid = self.roles[index], self.runs[index], self.grid_conditioning.grid
+        layout, group_grid = role.layout, role.layout.group_grid(grid)
+        if len(run.open_groups) == layout.groups(grid):
+            prediction = torch.empty_like(x)
+        else:
+            prediction = self.known_x0.to(x, copy=True)
+        if not run.open_groups:
+            return prediction
+
+        def evaluate(groups: list[int], model) -> None:
+            values = self._denoise(model, run.conds, run.options, layout.take(grid, x, groups), layout.items(grid, groups),
+                                   group_grid, cfg, timestep)
+            layout.put(grid, prediction, groups, values)
+
+        passes = 1 if cfg == (1.0, 1.0) else 2
+        self.chunking.run(ChunkWork(run.model, run.open_groups, group_grid.cells, role.per_call, passes, x), evaluate)
+        return prediction
+
+    def _denoise(self, model, conds, model_options, x, items, call_grid: Grid, cfg: tuple[float, float], timestep):
+        """Classifier-free guided x0 of a batch of whole groups (videos / multi-view sets: `items` of the grid in this
+        model's order, each a `call_grid`), with a per-position CFG scale linear from cfg[0] to cfg[1] in each."""
         batch, group = self.grid_conditioning.grid.cells, call_grid.cells
-        positive = _slice_conds(conds["positive"], first, end, batch, call_grid)
-        scales = cfg_scales(cfg[0], cfg[1], group).repeat((end - first) // group)
-        t = timestep[:1].repeat(end - first)
+        positive = _slice_conds(conds["positive"], items, batch, call_grid)
+        scales = cfg_scales(cfg[0], cfg[1], group).repeat(len(x) // group)
+        t = timestep[:1].repeat(len(x))
         if bool((scales == 1.0).all()):
             return comfy.samplers.calc_cond_batch(model, [positive], x, t, model_options)[0]
-        negative = _slice_conds(conds["negative"], first, end, batch, call_grid)
+        negative = _slice_conds(conds["negative"], items, batch, call_grid)
         cond, uncond = comfy.samplers.calc_cond_batch(model, [positive, negative], x, t, model_options)
         scale = scales.to(x).view(-1, 1, 1, 1)
         return comfy.samplers.cfg_function(model, cond, uncond, scale, x, t, model_options=model_options,

@@ -1,19 +1,24 @@
 """Diffusion² score composition: how much of the video model and of the multi-view model goes into each cell of
-a views x frames latent grid at each denoising step (the grid itself: `grid.py`), how calls are chunked, and the
-rollback Euler sampler.
+a views x frames latent grid at each denoising step (the grid itself: `grid.py`), how each model sees the grid
+(its layout: rows or columns), whether two models' predictions can be combined at all (their prediction spaces),
+how calls are chunked, and the rollback Euler sampler.
 
 At equal sigma combining scores is the same as combining denoised predictions (score = (D - x) / sigma^2), so the
 composed denoiser is D = w_video * D_video(row) + w_multiview * D_multiview(column) with w_video + w_multiview = 1.
+That needs one sigma to mean one noise level for both models, and one latent space: see PredictionSpace.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
+from einops import rearrange
+
 from .errors import InvalidInput
+from .grid import Grid
 
 SCHEDULES = ("constant", "linear", "logistic")
 
@@ -71,6 +76,179 @@ class ReferenceSettings:
     motion_bucket_id: int = 127  # SVD motion conditioning
     video_augmentation: float = 0.02  # noise on the video model's reference pixels
     multiview_augmentation: float = 1e-5  # noise on the multi-view model's reference pixels (SV3D)
+
+
+# How a model sees the grid. A layout is a policy object: a model family that sees the grid in another way (all
+# videos together, say) is a new layout, not a branch in the guider.
+
+class Layout:
+    """The groups one model denoises on their own: a video per view (rows) or a multi-view set per frame (columns),
+    and how the grid's view-major batch maps to the model's order (groups one after another) and back."""
+
+    name = ""
+
+    def groups(self, grid: Grid) -> int:
+        raise NotImplementedError
+
+    def group_grid(self, grid: Grid) -> Grid:
+        """The grid of one group as the model sees it (1 x F for a video, V x 1 for a multi-view set)."""
+        raise NotImplementedError
+
+    def share(self, video: torch.Tensor, multiview: torch.Tensor) -> torch.Tensor:
+        """Which of the schedule's two per-view weights is this layout's."""
+        raise NotImplementedError
+
+    def take(self, grid: Grid, batch: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+        """The groups' items of a view-major batch, in this layout's order, (len(groups) * group size, ...)."""
+        raise NotImplementedError
+
+    def put(self, grid: Grid, batch: torch.Tensor, groups: Sequence[int], values: torch.Tensor) -> None:
+        """Writes `values` (as `take` gives them) back into the view-major batch."""
+        raise NotImplementedError
+
+    def order(self, grid: Grid, batch: torch.Tensor) -> torch.Tensor:
+        """The whole grid in this layout's order (the order its conditioning is built in)."""
+        return self.take(grid, batch, range(self.groups(grid)))
+
+    def items(self, grid: Grid, groups: Sequence[int]) -> slice | torch.Tensor:
+        """Where the groups' items lie in this layout's order (a slice when they are consecutive)."""
+        size = self.group_grid(grid).cells
+        groups = list(groups)
+        if groups == list(range(groups[0], groups[-1] + 1)):
+            return slice(groups[0] * size, (groups[-1] + 1) * size)
+        return (torch.tensor(groups)[:, None] * size + torch.arange(size)).flatten()
+
+    def open_groups(self, grid: Grid, unknown: torch.Tensor | None) -> list[int]:
+        """The groups with at least one cell to denoise, given a per-cell mask of the cells that are not known
+        (a sampler's denoise mask: 0 where a reference is kept), or every group when there is none."""
+        if unknown is None:
+            return list(range(self.groups(grid)))
+        per_cell = unknown.reshape(grid.cells, -1).amax(dim=1)
+        per_group = self.order(grid, per_cell).reshape(self.groups(grid), -1).amax(dim=1)
+        return [int(g) for g in (per_group > 0).nonzero().flatten()]
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _select(matrix: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    groups = list(groups)
+    if groups == list(range(groups[0], groups[-1] + 1)):
+        return matrix[groups[0]:groups[-1] + 1]  # a view: no copy
+    return matrix[torch.tensor(groups, device=matrix.device)]
+
+
+class Rows(Layout):
+    """A video model: row v (view v over time) is one video."""
+
+    name = "rows"
+
+    def groups(self, grid):
+        return grid.views
+
+    def group_grid(self, grid):
+        return grid.row_grid
+
+    def share(self, video, multiview):
+        return video
+
+    def take(self, grid, batch, groups):
+        return _select(grid.as_matrix(batch), groups).flatten(0, 1)
+
+    def put(self, grid, batch, groups, values):
+        grid.as_matrix(batch)[list(groups)] = values.reshape(len(groups), grid.frames, *values.shape[1:])
+
+
+class Columns(Layout):
+    """A multi-view model: column f (every view at time f) is one multi-view set, views in order."""
+
+    name = "columns"
+
+    def groups(self, grid):
+        return grid.frames
+
+    def group_grid(self, grid):
+        return grid.column_grid
+
+    def share(self, video, multiview):
+        return multiview
+
+    def take(self, grid, batch, groups):
+        by_frame = rearrange(batch, "(v f) ... -> f v ...", f=grid.frames)
+        return _select(by_frame, groups).flatten(0, 1)
+
+    def put(self, grid, batch, groups, values):
+        by_cell = batch.view(grid.views, grid.frames, *batch.shape[1:])
+        by_cell[:, list(groups)] = rearrange(values, "(f v) ... -> v f ...", v=grid.views)
+
+
+ROWS, COLUMNS = Rows(), Columns()
+
+
+# Whether two models can be combined: one latent space, one meaning of sigma, noise levels both were trained on.
+
+VE_NOISE = "x = x0 + sigma * noise"  # k-diffusion's convention, which ComfyUI's eps / v / EDM / x0 models share
+FLOW_NOISE = "x = (1 - sigma) * x0 + sigma * noise"  # rectified flow (ComfyUI's CONST: SD3, Flux, Wan, ...)
+SIGMA_TOLERANCE = 1e-4  # relative: a scheduler's end points are float32 copies of the model's own
+
+
+@dataclass(frozen=True)
+class PredictionSpace:
+    """What one model's prediction means: what its network outputs, what sigma means for it, the noise levels it
+    was trained on, and its latent space. The sampler hands every model the same sigma and x; each model's own
+    sampling object turns them into its input (scaling, its timestep) and its output into x0, so two predictions
+    are comparable when the noise convention and the latent space agree, at a sigma both models know."""
+
+    prediction: str  # "eps", "v", "EDM", "x0", "flow velocity", ...
+    noise: str | None  # VE_NOISE, FLOW_NOISE, or None for a sampling without noise levels (image to image)
+    schedule: str  # the noise levels it was trained on: "LDM linear", "sqrt_linear", "EDM", ...
+    sigma_min: float
+    sigma_max: float
+    latents: str  # its latent space, e.g. "SD15 (4 channels, scale 0.18215)"
+
+    def covers(self, sigma: float) -> bool:
+        return self.sigma_min * (1 - SIGMA_TOLERANCE) <= sigma <= self.sigma_max * (1 + SIGMA_TOLERANCE)
+
+    def describe(self) -> str:
+        return f"{self.prediction}, {self.schedule} (sigma {self.sigma_min:.4g}..{self.sigma_max:.4g}), {self.latents} latents"
+
+
+def reconcile(spaces: Mapping[str, PredictionSpace]) -> tuple[float, float]:
+    """The noise levels every model knows, (sigma_min, sigma_max), or InvalidInput naming the model (its key)
+    whose predictions cannot be combined with the first one's, and why."""
+    (first_name, first), *others = spaces.items()
+    for name, space in spaces.items():
+        if space.noise is None:
+            raise InvalidInput(name, f"its sampling ({space.prediction}) has no noise levels, so nothing is denoised "
+                               "step by step to combine", "connect the model without that sampling patch")
+    for name, space in others:
+        if space.noise != first.noise:
+            raise InvalidInput(name, f"sigma means another noise level for it ({space.noise}) than for {first_name} "
+                               f"({first.noise}): at one sigma the two models would see different amounts of noise",
+                               "remove the sampling patch that changed it (e.g. core ModelSamplingSD3 / ModelSamplingFlux on "
+                               "a Stable Diffusion model), or compose two models of one kind")
+        if space.latents != first.latents:
+            raise InvalidInput(name, f"its latents are {space.latents}, {first_name}'s are {first.latents}: an x0 of one "
+                               "model is no image for the other", "compose two models of one latent space (SVD, SV3D, "
+                               "AnimateDiff on SD1.5 and MVDream share Stable Diffusion's)")
+    low, high = max(s.sigma_min for s in spaces.values()), min(s.sigma_max for s in spaces.values())
+    if low > high:
+        ranges = ", ".join(f"{name} {s.sigma_min:.4g}..{s.sigma_max:.4g}" for name, s in spaces.items())
+        raise InvalidInput(others[0][0] if others else first_name, f"the models were trained on noise levels that do not "
+                           f"overlap ({ranges})", "compose models whose noise ranges overlap")
+    return low, high
+
+
+def covering_weights(weights: Sequence[torch.Tensor], covered: Sequence[bool]) -> list[torch.Tensor]:
+    """Each model's per-view weight at one noise level after the models that were not trained at it (covered
+    False) give their share to those that were: the others' weights scaled to sum to 1 (split evenly where they
+    are all 0). Unchanged when every model, or none, covers it."""
+    if all(covered) or not any(covered):
+        return list(weights)
+    total = sum(w for w, c in zip(weights, covered) if c)
+    even = 1.0 / sum(covered)
+    return [torch.where(total > 0, w / total.clamp_min(1e-300), torch.full_like(w, even)) if c else torch.zeros_like(w)
+            for w, c in zip(weights, covered)]
 
 
 ROLLBACK_STEPS = 10  # official: the first 10 of 50 steps are taken twice (60 joint evaluations)

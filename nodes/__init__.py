@@ -5,7 +5,8 @@ from comfy_api.latest import ComfyExtension, io
 from .aware_denoising import AwareDenoising, AwareReconstruction
 from .cameras import LoadCameraTrajectory, OrbitCameras
 from .cvd import ApplyCVD, LoadCVDModule
-from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, RollbackEuler, SV3DConditioning
+from .composition import (ComposedGuiderNode, DecodeGrid, GridConditioningNode, PromptGridConditioningNode, ReferenceRowLatent,
+                          RollbackEuler, SV3DConditioning)
 from .epipolar import EpipolarMask, PreviewEpipolarMask
 from ..integration.host import register_model_folders
 from .load_multiview import LoadMultiviewImages
@@ -23,7 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMultiviewModel, MultiviewConditioning, ImageDreamConditioning,
     LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl, LoadCVDModule, ApplyCVD,
     LoadAlignmentAdapters, ApplyAlignmentAdapters, TrainAlignmentAdapters, MakeDemoTrainingSet,
-    SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
+    SV3DConditioning, GridConditioningNode, PromptGridConditioningNode, ReferenceRowLatent, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
     AwareDenoising, AwareReconstruction,
     Fit4DGaussians, Render4D, Save4D, Load4D, Preview4D,
 ]

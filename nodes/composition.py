@@ -7,54 +7,45 @@ The grid contract: a V-view x F-frame latent grid is a LATENT whose batch is vie
 
 from __future__ import annotations
 
-import comfy.model_base
 import comfy.samplers
 import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
 from ..kernels.grid import Grid
-from ..kernels.composition import (ROLLBACK_STEPS, SCHEDULES, CompositionSchedule, GuiderSettings, ReferenceSettings,
-                                   check_descending, sample_rollback_euler)
+from ..kernels.composition import (COLUMNS, ROLLBACK_STEPS, ROWS, SCHEDULES, CompositionSchedule, GuiderSettings,
+                                   ReferenceSettings, check_descending, sample_rollback_euler)
 from ..kernels.multiview_video import MultiviewVideo, even_times, mosaic
 from ..integration import host
 from ..integration.composed_guider import GUIDER, ComposedGuider
-from ..integration.grid_latent import decode_grid, grid_latent, image_samples
+from ..integration.composition_roles import (FAMILIES, GRID_CONDITIONING_NODE, PROMPT_GRID_CONDITIONING_NODE, checked_family,
+                                             supported_pairs)
 from ..integration.grid_conditioning import encode_references, grid_conditioning, official_sv3d_angles, sv3d_conditioning
+from ..integration.grid_latent import decode_grid, grid_latent, image_samples
+from ..integration.prompt_grid_conditioning import REFERENCE_ROW_NODE, prompt_grid_conditioning, reference_row_latent
 from ..integration.node_errors import check_numbers, input_error, kernel_errors_as_node_errors
+from .multiview import camera_inputs, rig_for
 from .types import Cameras, GridConditioningSocket, MultiviewVideoSocket
 
 SV3D_CONDITIONING = "MV4D SV3D Conditioning"
-GRID_CONDITIONING = "MV4D Grid Conditioning"
+GRID_CONDITIONING = GRID_CONDITIONING_NODE
+PROMPT_GRID_CONDITIONING = PROMPT_GRID_CONDITIONING_NODE
 ROLLBACK_EULER = "MV4D Rollback Euler"
 DECODE_GRID = "MV4D Decode Grid"
 SETTINGS, SCHEDULE, REFERENCE = GuiderSettings(), CompositionSchedule(), ReferenceSettings()  # the official defaults
 # The CFG interval's upper end in the node: above SVD/SV3D's sigma_max of 700, so every step is guided by default.
 GUIDANCE_SIGMA_MAX = 1000.0
-SUPPORTED_PAIRS = ("video model: SVD or SVD-XT (ImageOnlyCheckpointLoader, class SVD_img2vid); "
-                   "multi-view model: SV3D_u or SV3D_p")
 
 
-def model_role(model) -> str | None:
-    """'video' for SVD / SVD-XT, 'multiview' for SV3D_u / SV3D_p, None for anything else."""
-    inner = getattr(model, "model", None)
-    if isinstance(inner, (comfy.model_base.SV3D_u, comfy.model_base.SV3D_p)):
-        return "multiview"
-    if type(inner) is comfy.model_base.SVD_img2vid:  # SV3D_u and SV3D_p subclass it: exact type only
-        return "video"
-    return None
-
-
-def check_model(node: str, input_name: str, model, role: str) -> None:
-    found = model_role(model)
-    if found == role:
-        return
-    if found is not None:
-        other = "multiview_model" if role == "video" else "video_model"
-        raise input_error(node, input_name, f"this is a {found} model ({type(model.model).__name__}), not a {role} model",
-                          f"swap the two model inputs: it belongs in '{other}'")
-    raise input_error(node, input_name, f"{type(getattr(model, 'model', model)).__name__} is not supported",
-                      f"supported pairs: {SUPPORTED_PAIRS}")
+def check_pair(node: str, video_family, multiview_family, grid_conditioning) -> None:
+    """The models are the pair the grid conditioning was built for."""
+    built_for = (grid_conditioning.video_family, grid_conditioning.multiview_family)
+    if (video_family.id, multiview_family.id) != built_for:
+        names = {family.id: family.name for family in FAMILIES}
+        raise input_error(node, "grid_conditioning", f"it was built by {grid_conditioning.source} for "
+                          f"{names.get(built_for[0], built_for[0])} + {names.get(built_for[1], built_for[1])}, but the "
+                          f"models are {video_family.name} + {multiview_family.name}",
+                          f"condition these models with {video_family.conditioning_node}")
 
 
 def check_images(node: str, input_name: str, images: torch.Tensor, count: int | None, height: int, width: int) -> None:
@@ -168,6 +159,78 @@ class GridConditioningNode(io.ComfyNode):
         return io.NodeOutput(conditioning, grid_latent(Grid(views, frames), height, width))
 
 
+DEFAULT_FRAMES = 16  # AnimateDiff's training length (Vivid-ZOO: 4 views x 16 frames)
+
+
+class PromptGridConditioningNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MV4D_PromptGridConditioning",
+            display_name=PROMPT_GRID_CONDITIONING,
+            category="mv4d/composition",
+            description="Conditioning of a views x frames grid for text -> multi-view video with no training: AnimateDiff "
+                        "denoises each row (a video at one view) from its prompt, MVDream each column (the views at one "
+                        "frame) from its prompt and one camera per view. Neither model takes an image, so Diffusion²'s "
+                        "reference column / row are kept cells: the reference column (MVDream's views) is frame 0 of "
+                        "every row, the reference row (a video at view 0) is view 0 of every column; the grid latent's "
+                        "noise mask keeps them while the rest is sampled. Also gives the grid latent and the cameras.",
+            inputs=[
+                io.Model.Input("video_model", tooltip="An SD1.5 model with an AnimateDiff motion module (MV4D Apply Motion Module)."),
+                io.Model.Input("multiview_model", tooltip="MVDream from MV4D Load Multi-view Model (no motion module)."),
+                io.Conditioning.Input("video_positive", tooltip="The prompt, encoded with the video model's CLIP (CLIPTextEncode)."),
+                io.Conditioning.Input("video_negative", tooltip="The negative prompt, with the video model's CLIP."),
+                io.Conditioning.Input("multiview_positive", tooltip="The prompt, encoded with MVDream's CLIP."),
+                io.Conditioning.Input("multiview_negative", tooltip="The negative prompt, with MVDream's CLIP."),
+                *camera_inputs(),
+                io.Int.Input("frames", default=DEFAULT_FRAMES, min=1, max=256,
+                             tooltip="Frames per view (AnimateDiff: at most its position table, 32; 24 for v1)."),
+                io.Latent.Input("reference_column", optional=True,
+                                tooltip="MVDream's views at these cameras (KSampler with MV4D Multi-view Conditioning, frames 1): kept as frame 0."),
+                io.Latent.Input("reference_row", optional=True,
+                                tooltip="A video at view 0 (KSampler with the video model on MV4D Reference Row Latent): kept as row 0."),
+            ],
+            outputs=[
+                GridConditioningSocket.Output("grid_conditioning", tooltip="For MV4D Composed Guider."),
+                io.Latent.Output("grid_latent", tooltip="The views x frames latent (view-major) with the references and their noise mask, for SamplerCustomAdvanced."),
+                Cameras.Output("cameras_out", display_name="cameras", tooltip="The cameras used (for Decode Grid and the fit)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, video_model, multiview_model, video_positive, video_negative, multiview_positive, multiview_negative,
+                views, width, height, frames, cameras=None, reference_column=None, reference_row=None) -> io.NodeOutput:
+        # without cameras, MVDream's default views (None when it is no MVDream: refused by the conditioning first)
+        rig = rig_for(PROMPT_GRID_CONDITIONING, multiview_model, cameras, views, width, height)
+        conditioning, latent = prompt_grid_conditioning(video_model, multiview_model, video_positive, video_negative,
+                                                        multiview_positive, multiview_negative, rig, frames,
+                                                        reference_column, reference_row)
+        return io.NodeOutput(conditioning, latent, rig)
+
+
+class ReferenceRowLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MV4D_ReferenceRowLatent",
+            display_name=REFERENCE_ROW_NODE,
+            category="mv4d/composition",
+            description="The latent of the reference row for MV4D Prompt Grid Conditioning: a video of `frames` latents "
+                        "whose first frame is the first view of the reference column, kept by a noise mask while a core "
+                        "KSampler with the video model (AnimateDiff) samples the other frames. So the reference row "
+                        "starts where the reference column's view 0 is.",
+            inputs=[
+                io.Latent.Input("reference_column", tooltip="MVDream's sampled views (KSampler with MV4D Multi-view Conditioning, frames 1)."),
+                io.Int.Input("frames", default=DEFAULT_FRAMES, min=1, max=256, tooltip="Frames of the video (the grid's frames)."),
+            ],
+            outputs=[io.Latent.Output("latent", tooltip="For KSampler with the video model; its output is reference_row.")],
+        )
+
+    @classmethod
+    def execute(cls, reference_column, frames) -> io.NodeOutput:
+        return io.NodeOutput(reference_row_latent(reference_column, frames))
+
+
 class ComposedGuiderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -177,16 +240,21 @@ class ComposedGuiderNode(io.ComfyNode):
             category="mv4d/composition",
             description="Diffusion² score composition as a GUIDER for SamplerCustomAdvanced: each step denoises every "
                         "row of the grid with the video model and every column with the multi-view model (each with "
-                        "its own CFG) and mixes them per cell: (1 - s) video + s multi-view, s from the schedule. "
-                        f"Supported: {SUPPORTED_PAIRS}. Connect the models straight from the loader (no CFG patches: "
-                        "the per-frame CFG is done here).",
+                        "its own CFG) and mixes their x0 per cell at the sampler's sigma: (1 - s) video + s multi-view, "
+                        "s from the schedule. Models of different parameterisations and noise schedules combine when "
+                        "they share the latent space and the meaning of sigma (pairs that do not are refused); at a sigma "
+                        "one model was not trained on, the other denoises alone. "
+                        f"Supported pairs: {supported_pairs()}. Connect the models without CFG patches (the per-frame "
+                        "CFG is done here).",
             inputs=[
-                io.Model.Input("video_model", tooltip="SVD or SVD-XT."),
-                io.Model.Input("multiview_model", tooltip="SV3D_p or SV3D_u."),
-                GridConditioningSocket.Input("grid_conditioning", tooltip="From MV4D Grid Conditioning."),
-                io.Float.Input("video_cfg_first", default=SETTINGS.video_cfg[0], min=0.0, max=100.0, step=0.1, tooltip="Video CFG at the first frame (official SVD: 1.5)."),
+                io.Model.Input("video_model", tooltip="The rows: SVD / SVD-XT, or an SD1.5 model with an AnimateDiff "
+                                                      "motion module (MV4D Apply Motion Module)."),
+                io.Model.Input("multiview_model", tooltip="The columns: SV3D_p / SV3D_u, or MVDream (MV4D Load Multi-view Model)."),
+                GridConditioningSocket.Input("grid_conditioning", tooltip="From MV4D Grid Conditioning (SVD + SV3D) or "
+                                                                          "MV4D Prompt Grid Conditioning (AnimateDiff + MVDream)."),
+                io.Float.Input("video_cfg_first", default=SETTINGS.video_cfg[0], min=0.0, max=100.0, step=0.1, tooltip="Video CFG at the first frame (official SVD: 1.5; AnimateDiff: 7.5)."),
                 io.Float.Input("video_cfg_last", default=SETTINGS.video_cfg[1], min=0.0, max=100.0, step=0.1, tooltip="Video CFG at the last frame, linear in between (official: 3.0)."),
-                io.Float.Input("multiview_cfg_first", default=SETTINGS.multiview_cfg[0], min=0.0, max=100.0, step=0.1, tooltip="Multi-view CFG at the first view (official SV3D: 2.5 flat)."),
+                io.Float.Input("multiview_cfg_first", default=SETTINGS.multiview_cfg[0], min=0.0, max=100.0, step=0.1, tooltip="Multi-view CFG at the first view (official SV3D: 2.5 flat; MVDream: 7.5)."),
                 io.Float.Input("multiview_cfg_last", default=SETTINGS.multiview_cfg[1], min=0.0, max=100.0, step=0.1, tooltip="Multi-view CFG at the last view, linear in between."),
                 io.Combo.Input("schedule", options=list(SCHEDULES), default=SCHEDULE.kind,
                                tooltip="Multi-view weight s over the steps. constant: s = multiview_weight (official code). "
@@ -225,8 +293,9 @@ class ComposedGuiderNode(io.ComfyNode):
         if guidance_sigma_min > guidance_sigma_max:
             raise input_error(GUIDER, "guidance_sigma_min", f"{guidance_sigma_min} is above guidance_sigma_max {guidance_sigma_max}",
                               "set guidance_sigma_min <= guidance_sigma_max (or 0 and 1000 to guide every step)")
-        check_model(GUIDER, "video_model", video_model, "video")
-        check_model(GUIDER, "multiview_model", multiview_model, "multiview")
+        video_family = checked_family(GUIDER, "video_model", video_model, ROWS, "multiview_model")
+        multiview_family = checked_family(GUIDER, "multiview_model", multiview_model, COLUMNS, "video_model")
+        check_pair(GUIDER, video_family, multiview_family, grid_conditioning)
         for name, model in (("video_model", video_model), ("multiview_model", multiview_model)):
             if "sampler_cfg_function" in model.model_options:
                 raise input_error(GUIDER, name, "the model carries a CFG patch (e.g. VideoLinearCFGGuidance)",
@@ -237,7 +306,9 @@ class ComposedGuiderNode(io.ComfyNode):
         settings = GuiderSettings(composition, (video_cfg_first, video_cfg_last), (multiview_cfg_first, multiview_cfg_last),
                                   videos_per_call, multiview_sets_per_call, (guidance_sigma_min, guidance_sigma_max),
                                   alternate_models)
-        return io.NodeOutput(ComposedGuider(video_model, multiview_model, grid_conditioning, settings))
+        with kernel_errors_as_node_errors(GUIDER):
+            guider = ComposedGuider(video_model, multiview_model, grid_conditioning, settings)
+        return io.NodeOutput(guider, ui=ui.PreviewText(guider.summary()))
 
 
 def rollback_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, rollback_steps=10):

@@ -137,6 +137,22 @@ NOTES["text_to_4d_cvd"] = [
     "(text_to_videos_cvd) on small cards.",
 ]
 
+NOTES["text_to_4d_composed"] = [
+    "## Text -> multi-view video -> 4D by composition (Diffusion² with AnimateDiff + MVDream)\n\nNo training: each step "
+    "AnimateDiff denoises every row of the 4 x 16 grid (one view over time) and MVDream every column (the 4 views at one "
+    "time), and MV4D Composed Guider mixes their x0 per cell (constant 0.6 toward MVDream, side views more). As in "
+    "Diffusion², a reference column (MVDream's 4 views) and a reference row (AnimateDiff's video at view 0, started from "
+    "view 0 of that column) come first and stay fixed in the grid. MVDream's scheduler gives the noise levels both "
+    "models were trained on (AnimateDiff's schedule reaches higher ones). Then a 4D Gaussian fit, turntable and .splatv.",
+    "## Model files\n\nAn SD1.5 checkpoint (`v1-5-pruned-emaonly-fp16.safetensors`) and `sd-v1.5-4view.pt` "
+    "(huggingface.co/MVDream/MVDream) in `models/checkpoints/`; `mm_sd_v15_v2.ckpt` (huggingface.co/guoyww/animatediff) "
+    "in `models/animatediff_models/`.",
+    "## Smaller GPUs\n\nTwo UNets share the GPU and each step runs both over the whole grid (64 images, with CFG), in "
+    "chunks sized to free memory (`videos_per_call`, `multiview_sets_per_call`: 1 is the least memory). Lower `frames` "
+    "(8) or `steps` first. Against vividzoo_text_to_4d (one UNet call over the grid with trained alignment layers): this "
+    "needs no training and no adapters, and costs about two UNets' work per step (bench/RESULTS.md).",
+]
+
 # Where the models our loaders name come from (ComfyUI model metadata: the frontend offers them when missing).
 MODEL_PAGES = {
     "svd_xt.safetensors": "https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt/resolve/main/svd_xt.safetensors",

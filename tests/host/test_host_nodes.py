@@ -31,6 +31,8 @@ EXPECTED_NODES = {
     "MV4D_ApplyCVD": "MV4D Apply CVD",
     "MV4D_SV3DConditioning": "MV4D SV3D Conditioning",
     "MV4D_GridConditioning": "MV4D Grid Conditioning",
+    "MV4D_PromptGridConditioning": "MV4D Prompt Grid Conditioning",
+    "MV4D_ReferenceRowLatent": "MV4D Reference Row Latent",
     "MV4D_ComposedGuider": "MV4D Composed Guider",
     "MV4D_RollbackEuler": "MV4D Rollback Euler",
     "MV4D_DecodeGrid": "MV4D Decode Grid",
