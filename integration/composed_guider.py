@@ -16,6 +16,7 @@ checks (kernels.composition.reconcile); at a sigma outside one model's trained r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from ..kernels.errors import InvalidInput
 from ..kernels.grid import GRID_OPTION, Grid
 from .composition_roles import LAYOUT_NOUNS, prediction_space
 from .node_errors import input_error, kernel_errors_as_node_errors
+from .patches.single_token_attention import with_single_token_attention
 
 GUIDER = "MV4D Composed Guider"
 MULTIVIEW_MODEL_KEY = "mv4d_multiview_model"  # the additional-models key of the roles after the first
@@ -267,6 +269,8 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         InvalidInput (argument: the role's input name) for roles whose predictions cannot be combined."""
         roles = tuple(role if isinstance(role, ModelRole) else grid_role(role, layout, grid, settings)
                       for role, layout in ((video_model, ROWS), (multiview_model, COLUMNS)))
+        if settings.single_token_shortcut:
+            roles = tuple(dataclasses.replace(role, model=with_single_token_attention(role.model)) for role in roles)
         for role, layout in zip(roles, (ROWS, COLUMNS)):
             if role.layout is not layout:
                 raise InvalidInput(role.input_name, f"this role denoises {role.layout.name}, but its place is the {layout.name}",

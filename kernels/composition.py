@@ -66,6 +66,9 @@ class GuiderSettings:
     # optional speed-up (changes the result): each evaluation runs one of the two models and reuses the other's
     # prediction from the evaluation before (about half the UNet work per step)
     alternate_models: bool = False
+    # exact (the result is the same): cross-attention over a single context token (SVD / SV3D's CLIP image
+    # embedding) skips the queries' projection and the attention, whose output is that token's value for every query
+    single_token_shortcut: bool = True
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mv4d_tiny_models import CONTEXT_DIM, svd_family_unet, tiny_sd_model
-from test_host_composition import (FixedNoise, composed_guider, grid_conditioning, grid_noise, karras_sigmas, models,  # noqa: F401
-                                   cameras, references, sample)
+from test_host_composition import cameras, grid_conditioning, grid_noise, models, references, sample  # noqa: F401
 
 TOLERANCE = 1e-5  # float32: one projection of one token instead of the same projection broadcast over all queries
 
@@ -76,14 +75,20 @@ def count_shortcuts(monkeypatch) -> list:
     return taken
 
 
-def test_the_composed_grid_is_the_same_with_the_shortcut(mv4d_nodes, models, cameras, references, shortcut, monkeypatch):  # noqa: F811
+def test_the_composed_grid_is_the_same_with_the_shortcut(mv4d_nodes, models, cameras, references, monkeypatch):  # noqa: F811
+    """The composed guider takes the shortcut by default; GuiderSettings(single_token_shortcut=False) is today's path."""
+    from mv4d.integration.composed_guider import ComposedGuider
+    from mv4d.kernels.composition import GuiderSettings
+
     conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
     taken = count_shortcuts(monkeypatch)
     grids = []
-    for video, multiview in ((models["svd"][0], models["sv3d_p"][0]), (shortcut(models["svd"][0]), shortcut(models["sv3d_p"][0]))):
-        grids.append(sample(composed_guider(mv4d_nodes, models, conditioning, video_model=video, multiview_model=multiview),
-                            grid_noise(), latent))
-        assert all(taken) and bool(taken) == (len(grids) == 2)  # the plain run takes none, the patched one only shortcuts
+    for shortcut in (False, True):
+        guider = ComposedGuider(models["svd"][0], models["sv3d_p"][0], conditioning, GuiderSettings(single_token_shortcut=shortcut))
+        grids.append(sample(guider, grid_noise(), latent))
+        assert all(taken) and bool(taken) == shortcut  # the plain run takes none, the default one only shortcuts
+    # the MODELs given carry no patch of it: the guider patched clones of them
+    assert not models["svd"][0].object_patches and not models["sv3d_p"][0].object_patches
     difference = float((grids[1] - grids[0]).abs().max() / grids[0].abs().max())
     print(f"\ncomposed grid with vs without the shortcut: relative difference {difference:.2e}")
     assert difference <= TOLERANCE
