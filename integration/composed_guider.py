@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -37,6 +37,7 @@ from ..kernels.composition import (COLUMNS, ROWS, GuiderSettings, Layout, balanc
 from ..kernels.errors import InvalidInput
 from ..kernels.grid import GRID_OPTION, Grid
 from .composition_roles import LAYOUT_NOUNS, prediction_space
+from .multi_gpu import DeviceRun, SpreadOverDevices, device_clones, note_single_gpu, relative_speeds, without_core_multigpu
 from .node_errors import input_error, kernel_errors_as_node_errors
 from .patches.single_token_attention import with_single_token_attention
 
@@ -189,6 +190,8 @@ class ChunkWork:
     requested: int  # groups per call the role asks for; 0: the policy decides
     passes: int  # UNet passes per item: 2 with CFG (cond and uncond batched), else 1
     sample: torch.Tensor  # the grid's latent batch (its item shape, dtype and device)
+    devices: tuple = ()  # multi_gpu.DeviceRun of every device the role's model is on (the first: work.model's)
+    pool: object = None  # ComfyUI's MultiGPU thread pool of this sampling run, if it has one
 
 
 class ChunkPolicy(Protocol):
@@ -252,13 +255,15 @@ class MeasuredChunks:
 
 @dataclass
 class RoleRun:
-    """A role during one sampling run: the BaseModel that runs it, its processed conds and model options, and the
-    groups that have a cell to denoise (groups whose every cell is a kept reference are not evaluated)."""
+    """A role during one sampling run: the BaseModel that runs it, its processed conds and model options, the
+    groups that have a cell to denoise (groups whose every cell is a kept reference are not evaluated), and the
+    model's copies on other GPUs (multi_gpu.DeviceRun), if it has any."""
 
     model: object
     conds: dict
     options: dict
     open_groups: list[int]
+    other_devices: list = field(default_factory=list)
 
 
 class ComposedGuider(comfy.samplers.CFGGuider):
@@ -289,13 +294,15 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         super().__init__(primary)
         self.grid_conditioning = grid
         self.settings = settings
-        self.chunking = chunking or MeasuredChunks()
+        self.chunking = chunking or SpreadOverDevices(MeasuredChunks())
+        note_single_gpu(GUIDER)
         self.inner_set_conds({"positive": roles[0].positive, "negative": roles[0].negative})
         self.additional_original_conds = [{"positive": comfy.sampler_helpers.convert_cond(role.positive),
                                            "negative": comfy.sampler_helpers.convert_cond(role.negative)} for role in roles[1:]]
         self.weights_log: list[tuple[int, float, float]] = []  # (step, sigma, multi-view weight s) per evaluation
         self.predictions: dict[int, tuple[int, torch.Tensor]] = {}
         self.runs: list[RoleRun] = []
+        self.pool = None  # ComfyUI's MultiGPU thread pool while it samples, if the host made one
         self.known_x0: torch.Tensor | None = None
 
     def summary(self) -> str:
@@ -359,17 +366,13 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         for role in additional:
             role.model.pre_run()
         try:
-            self.runs = [RoleRun(None, {}, {}, open_groups[0])]  # the guider's own model: filled in at each call
+            # the guider's own model: its conds and options are filled in at each call
+            self.runs = [RoleRun(None, {}, {}, open_groups[0],
+                                 self._other_devices(self.model_patcher, self.original_conds, self.roles[0].layout, noise, sigmas, seed))]
             for role, original, groups in zip(additional, self.additional_original_conds, open_groups[1:]):
-                conds = {k: [c.copy() for c in v] for k, v in original.items()}
-                ordered_noise = role.layout.order(grid, noise)
-                processed = comfy.samplers.process_conds(role.model.model, ordered_noise, conds, device, None, None, seed)
-                options = comfy.model_patcher.create_model_options_clone(role.model.model_options)
-                options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-                # the model's own wrappers, callbacks and hooks (e.g. core TorchCompileModel) apply as they would if it
-                # were sampled on its own
-                comfy.sampler_helpers.prepare_model_patcher(role.model, processed, options)
-                self.runs.append(RoleRun(role.model.model, processed, options, groups))
+                processed, options = self._role_conds(role.model, original, role.layout, noise, sigmas, device, seed)
+                self.runs.append(RoleRun(role.model.model, processed, options, groups,
+                                         self._other_devices(role.model, original, role.layout, noise, sigmas, seed)))
             self.sample_sigmas = sigmas
             self.weights_log = []
             self.predictions = {}  # role index -> (evaluation, x0 of the whole grid, view-major)
@@ -393,7 +396,9 @@ class ComposedGuider(comfy.samplers.CFGGuider):
                                    [space.covers(sigma) for space in self.spaces])
         weights = [w.to(x) for w in weights]
         guided = settings.guidance_sigmas[0] <= sigma <= settings.guidance_sigmas[1]
-        self.runs[0] = RoleRun(self.inner_model, self.conds, model_options, self.runs[0].open_groups)
+        self.runs[0] = RoleRun(self.inner_model, self.conds, without_core_multigpu(model_options), self.runs[0].open_groups,
+                               self.runs[0].other_devices)
+        self.pool = model_options.get("multigpu_thread_pool")
 
         evaluation = len(self.weights_log) - 1
         # a role with weight 0 everywhere this step is not evaluated at all
@@ -431,14 +436,39 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         if not run.open_groups:
             return prediction
 
-        def evaluate(groups: list[int], model) -> None:
-            values = self._denoise(model, run.conds, run.options, layout.take(grid, x, groups), layout.items(grid, groups),
-                                   group_grid, cfg, timestep)
-            layout.put(grid, prediction, groups, values)
+        here = DeviceRun(x.device, run.model, run.conds, run.options, relative_speeds(role.model, [x.device])[0])
+        devices = {id(device_run.model): device_run for device_run in (here, *run.other_devices)}
+
+        def evaluate(groups: list[int], model, lock=None) -> None:
+            on = devices[id(model)]  # the device this call runs on, and its copies of the conds
+            values = self._denoise(model, on.conds, on.options, layout.take(grid, x, groups).to(on.device),
+                                   layout.items(grid, groups), group_grid, cfg, timestep.to(on.device)).to(x.device)
+            with lock or nullcontext():
+                layout.put(grid, prediction, groups, values)
 
         passes = 1 if cfg == (1.0, 1.0) else 2
-        self.chunking.run(ChunkWork(run.model, run.open_groups, group_grid.cells, role.per_call, passes, x), evaluate)
+        self.chunking.run(ChunkWork(run.model, run.open_groups, group_grid.cells, role.per_call, passes, x,
+                                    (here, *run.other_devices), self.pool), evaluate)
         return prediction
+
+    def _role_conds(self, patcher, original: dict, layout, noise, sigmas, device, seed) -> tuple[dict, dict]:
+        """A role's conds processed for one device, and its model options there."""
+        conds = {k: [c.copy() for c in v] for k, v in original.items()}
+        processed = comfy.samplers.process_conds(patcher.model, layout.order(self.grid_conditioning.grid, noise).to(device),
+                                                 conds, device, None, None, seed)
+        options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+        options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas.to(device)
+        # the model's own wrappers, callbacks and hooks (e.g. core TorchCompileModel) apply as they would if it were
+        # sampled on its own
+        comfy.sampler_helpers.prepare_model_patcher(patcher, processed, options)
+        return processed, options
+
+    def _other_devices(self, patcher, original: dict, layout, noise, sigmas, seed) -> list:
+        """The role model's copies on other GPUs (ComfyUI's MultiGPU CFG Split), with conds of their own."""
+        clones = device_clones(patcher)
+        speeds = relative_speeds(patcher, [clone.load_device for clone in clones])
+        return [DeviceRun(clone.load_device, clone.model, *self._role_conds(clone, original, layout, noise, sigmas, clone.load_device, seed), speed)
+                for clone, speed in zip(clones, speeds)]
 
     def _denoise(self, model, conds, model_options, x, items, call_grid: Grid, cfg: tuple[float, float], timestep):
         """Classifier-free guided x0 of a batch of whole groups (videos / multi-view sets: `items` of the grid in this

@@ -12,6 +12,8 @@ from __future__ import annotations
 import comfy.ldm.modules.attention as comfy_attention
 import torch
 
+from ..multi_gpu import keep_clones_matched
+
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 
 
@@ -50,4 +52,5 @@ def with_single_token_attention(model):
         attention = patched.get_model_object(key)  # the original module, or this clone's own stand-in
         if not isinstance(attention, SingleTokenCrossAttention):
             patched.add_object_patch(key, SingleTokenCrossAttention(attention))
+    keep_clones_matched(patched)  # the model's copies on other GPUs take the patch too
     return patched
