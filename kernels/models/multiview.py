@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInput
+from .fourdm import NOT_A_BASE, is_4dm_state_dict
 from .sd_unet import BlockKey, block_key_of, transformer_block_keys
 
 CAMERA_DIM = 16
@@ -192,6 +193,8 @@ def _unet_prefix(state_dict: dict, argument: str) -> str:
     for prefix in (ORIGINAL_UNET_PREFIX, ""):
         if f"{prefix}input_blocks.0.0.weight" in state_dict:
             return prefix
+    if is_4dm_state_dict(state_dict):
+        raise InvalidInput(argument, *NOT_A_BASE)  # 4dm.ckpt picked as a checkpoint
     raise InvalidInput(argument, "this file holds no Stable Diffusion UNet (no input_blocks.0.0.weight under "
                        "model.diffusion_model. or at the top level)",
                        "pick an MVDream / ImageDream checkpoint (sd-v1.5-4view.pt, sd-v2.1-base-4view.pt, "
