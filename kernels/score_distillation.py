@@ -162,8 +162,9 @@ class ScoreDistillation:
                  background: torch.Tensor, backend: Backend = "auto", lpips: LPIPS | None = None):
         settings.check()
         self.score, self.cameras, self.settings, self.lpips, self.backend = score, cameras, settings, lpips, backend
-        self.times = torch.as_tensor(times, dtype=torch.float32).reshape(-1)
-        self.background = torch.as_tensor(background, dtype=torch.float32)
+        # copies: made outside inference mode they can take part in the fit's autograd graph, whatever made them
+        self.times = torch.as_tensor(times, dtype=torch.float32).reshape(-1).clone()
+        self.background = torch.as_tensor(background, dtype=torch.float32).clone()
         self.window = min(settings.window_frames, len(self.times))
         # the rig turns about the up axis through the point its cameras look at (the origin for one camera)
         self.centre = scene_sphere(cameras)[0].tolist() if len(cameras) > 1 else [0.0, 0.0, 0.0]

@@ -6,6 +6,7 @@ from .aware_denoising import AwareDenoising, AwareReconstruction
 from .cameras import LoadCameraTrajectory, OrbitCameras
 from .composition import ComposedGuiderNode, DecodeGrid, GridConditioningNode, RollbackEuler, SV3DConditioning
 from .epipolar import EpipolarMask, PreviewEpipolarMask
+from .fourdm import FourDMConditioning, Load4DM, Refine4DWithSDS
 from ..integration.host import register_model_folders
 from .load_multiview import LoadMultiviewImages
 from .alignment import ApplyAlignmentAdapters, LoadAlignmentAdapters, MakeDemoTrainingSet, TrainAlignmentAdapters
@@ -22,6 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMultiviewModel, MultiviewConditioning, ImageDreamConditioning,
     LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl,
     LoadAlignmentAdapters, ApplyAlignmentAdapters, TrainAlignmentAdapters, MakeDemoTrainingSet,
+    Load4DM, FourDMConditioning, Refine4DWithSDS,
     SV3DConditioning, GridConditioningNode, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
     AwareDenoising, AwareReconstruction,
     Fit4DGaussians, Render4D, Save4D, Load4D, Preview4D,

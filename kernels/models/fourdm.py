@@ -34,6 +34,7 @@ TRAINED_FRAMES = 8  # the official code's hard-coded "(b f n)" fold, f = 8
 TRAINED_VIEWS = 4  # + the pixel controller's view (n = 5)
 BASE_FILE = "sd-v2.1-base-4view-ipmv.pt"  # ImageDream, 4DM's base
 FILE = "4dm.ckpt"
+VERSION = "4dm"  # the MotionVersion name motion.normalize_motion_state_dict gives its modules
 # Layers after a motion module in the official UNet, one index later than in ComfyUI's (and ImageDream's) UNet.
 _SHIFTED = (("middle_block.3.", "middle_block.2."), ("output_blocks.2.2.", "output_blocks.2.1."),
             ("output_blocks.5.3.", "output_blocks.5.2."), ("output_blocks.8.3.", "output_blocks.8.2."))
