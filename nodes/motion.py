@@ -121,7 +121,7 @@ class LoadCameraCtrl(io.ComfyNode):
             description="Loads CameraCtrl (for AnimateDiff v3) from models/animatediff_models: the original CameraCtrl.ckpt "
                         "(pose encoder + attention processors) or AnimateDiff-Evolved's CameraCtrl_pruned.safetensors.",
             inputs=[motion_file_input("cameractrl", "A CameraCtrl file in models/animatediff_models.")],
-            outputs=[CameraCtrlSocket.Output("cameractrl", tooltip="For MV4D Apply Camera Control.")],
+            outputs=[CameraCtrlSocket.Output("cameractrl_out", display_name="cameractrl", tooltip="For MV4D Apply Camera Control.")],
         )
 
     @classmethod

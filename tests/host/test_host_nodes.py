@@ -60,6 +60,8 @@ def test_comfy_entrypoint_registers_every_node_with_a_complete_schema(mv4d_nodes
             assert item.tooltip, f"{node_id}.{item.id} has no tooltip"
         for item in schema.outputs:
             assert item.tooltip, f"{node_id} output {item.id} has no tooltip"
+        # ComfyUI 0.3.64 refuses a schema whose input and output ids meet, and registers none of the nodes after it
+        assert not {item.id for item in schema.inputs} & {item.id for item in schema.outputs}, node_id
     for node in nodes:
         info = node.GET_NODE_INFO_V1()  # what /object_info serves
         assert info["category"].startswith("mv4d/")
