@@ -99,16 +99,14 @@ def test_the_4dm_file_lands_where_4dms_unet_holds_it_and_its_spatial_weights_uns
     comfy.model_management.load_models_gpu([model])  # ComfyUI patches the model: the modules are injected
     try:
         unet = model.model.diffusion_model
-        found = 0
-        for name, position in FOURDM_POSITIONS.items():
+        assert len(FOURDM_POSITIONS) == 21  # every module of 4DM's UNet
+        for position in FOURDM_POSITIONS.values():
             kind, *numbers = position.split(".")
             container = unet.middle_block if kind == "middle_block" else getattr(unet, kind)[int(numbers[0])]
             layer = container[int(numbers[-1])]
             assert isinstance(layer, MotionModule), position
             expected = state[f"module.{position}.temporal_transformer.proj_in.weight"]
             assert torch.equal(layer.temporal_transformer.proj_in.weight, expected), position
-            found += 1
-        assert found == 21
     finally:
         comfy.model_management.unload_all_models()
 

@@ -91,7 +91,8 @@ def fitted(scene):
     return fit_dynamic_gaussians(scene, FitSettings(iterations=150, initial_gaussians=300, views_per_step=2, densify=False)).gaussians
 
 
-def objective_for(score, settings=SDSSettings(window_frames=2), times=None):
+def objective_for(score, settings=None, times=None):
+    settings = settings or SDSSettings(window_frames=2)
     return ScoreDistillation(score, RIG, torch.linspace(0, 1, FRAMES) if times is None else times, settings, WHITE, "torch")
 
 
