@@ -112,7 +112,7 @@ class FourDMScore:
         return tuple(grid.rows((x - denoised.float()) / sigma, 0, views) for denoised in (guided, cond))
 
 
-def image_views(model, prompts: ImagePrompts, grid, cameras: CameraRig, anchor_video: torch.Tensor, splats: Splats4D,
+def check_belongs_together(model, prompts: ImagePrompts, grid, cameras: CameraRig, anchor_video: torch.Tensor, splats: Splats4D,
                 anchor_view: int) -> None:
     """Refuses a MODEL, cameras, anchor video or 4D Gaussians that do not belong to the conditioning (its prompts and
     the grid it was made for)."""
@@ -149,9 +149,9 @@ def refine_with_sds(splats: Splats4D, model, vae, positive, negative, cameras: C
     """The 4D Gaussians refined by 4DM's SDS at random rotations of `cameras` and frame windows plus the anchor
     term (the anchor view's render against the anchor video), through the 4D fit warm-started from them."""
     prompts, grid = prompts_of(REFINE, positive, negative)
-    image_views(model, prompts, grid, cameras, anchor_video, splats, anchor_view)
+    check_belongs_together(model, prompts, grid, cameras, anchor_video, splats, anchor_view)
     device = host.compute_device()
-    with kernel_errors_as_node_errors(REFINE, {"images": "anchor_video", "start": "splats_4d"}):
+    with kernel_errors_as_node_errors(REFINE, {"images": "anchor_video", "start": "splats_4d", "gaussians": "splats_4d"}):
         settings.check()
         pictures = fitted_pictures(anchor_video, cameras.height, cameras.width)
         anchor = MultiviewVideo(pictures[None].float().clamp(0, 1), cameras.select([anchor_view]), splats.frame_times)
@@ -165,6 +165,7 @@ def refine_with_sds(splats: Splats4D, model, vae, positive, negative, cameras: C
                 lpips = lpips.to(device)
                 host.normal_tensors(lpips)
             objective = ScoreDistillation(score, cameras, splats.frame_times, settings, torch.tensor(background), lpips=lpips)
+        objective.check_memory(gaussians.count, device)
         window = objective.window
         shape = (grid.views * window, LATENT_CHANNELS, cameras.height // LATENT_SCALE, cameras.width // LATENT_SCALE)
         with score.loaded(shape):

@@ -31,11 +31,12 @@ import torch
 from .cameras import CameraRig, rotated_about_up
 from .errors import InvalidInput
 from .grid import Grid
+from .memory import check_memory
 from .splats.fit import FitBatch
 from .splats.init import scene_sphere
 from .splats.losses import LPIPS, ssim_per_image
 from .splats.model import DynamicGaussians
-from .splats.rasterize import Backend, render, resolve_backend
+from .splats.rasterize import GRAD_BYTES_PER_ENTRY, TILE_SIZE, Backend, render, resolve_backend
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,17 @@ class ScoreDistillation:
                        azimuth=float(torch.rand(1, generator=generator)) * 360.0,
                        first_frame=int(torch.randint(len(self.times) - self.window + 1, (1,), generator=generator)),
                        noise_seed=int(torch.randint(2**62, (1,), generator=generator)))
+
+    def check_memory(self, gaussians: int, device: torch.device | str) -> None:
+        """Refuse, before anything runs, an SDS step the PyTorch rasteriser could not hold: as the fit's own bound
+        (fit.check_fit_memory), every Gaussian listed in at least one tile of each of the V x W renders."""
+        device = torch.device(device)
+        if resolve_backend(self.backend, device) == "torch":
+            views = len(self.cameras) * self.window
+            check_memory("gaussians", gaussians * views * TILE_SIZE * TILE_SIZE * GRAD_BYTES_PER_ENTRY,
+                         f"an SDS step of the PyTorch rasteriser with {gaussians} Gaussians in {len(self.cameras)} views x "
+                         f"{self.window} frames", "lower window_frames, or refine fewer Gaussians (fit them with a lower "
+                         "max_gaussians); a CUDA GPU renders with gsplat instead", device)
 
     def request(self, draw: SDSDraw) -> ScoreRequest:
         return ScoreRequest(rotated_about_up(self.cameras, draw.azimuth, self.centre),

@@ -260,3 +260,14 @@ def test_the_renders_are_the_requests_grid_view_major(fitted):
 def test_bad_settings_are_refused(change, message):
     with pytest.raises(InvalidInput, match=message):
         SDSSettings(**change).check()
+
+
+def test_an_sds_step_the_pytorch_rasteriser_could_not_hold_is_refused_before_anything_runs(monkeypatch):
+    from mv4d.kernels import memory
+
+    objective = objective_for(PixelScore(), SDSSettings(window_frames=4))
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 2**30)
+    objective.check_memory(1000, "cpu")  # 1000 Gaussians x 16 renders: about 0.6 GiB, fits
+    with pytest.raises(InvalidInput, match=r"gaussians: an SDS step of the PyTorch rasteriser with 100000 Gaussians in 4 views x "
+                                           r"4 frames needs about .* Fix: lower window_frames"):
+        objective.check_memory(100_000, "cpu")
