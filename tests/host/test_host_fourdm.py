@@ -61,10 +61,13 @@ def sample(model, positive, negative, latent, noise):
         return comfy.sample.sample(model, noise, STEPS, 5.0, "euler", "normal", positive, negative, latent, seed=0, disable_pbar=True)
 
 
-def test_the_4dm_file_lands_where_4dms_unet_holds_it_and_its_spatial_weights_unshifted(comfy, tmp_path):
+def test_the_4dm_file_lands_where_4dms_unet_holds_it_and_its_spatial_weights_unshifted(comfy, tmp_path, caplog):
+    import logging
+
     import comfy.model_management
 
     from mv4d.integration.fourdm_models import load_4dm
+    from mv4d.integration.motion_models import load_motion_file
     from mv4d.integration.patches.multiview import ADAPTER_KEY
     from mv4d.kernels.models.motion import MotionModule
 
@@ -95,6 +98,9 @@ def test_the_4dm_file_lands_where_4dms_unet_holds_it_and_its_spatial_weights_uns
             assert torch.equal(unet_state[ours], spatial[theirs]), ours
     untouched = "input_blocks.4.0.in_layers.2.weight"
     assert torch.equal(unet_state[untouched], base[untouched])
+    with caplog.at_level(logging.WARNING), torch.inference_mode():  # the motion loader alone says what it leaves out
+        assert load_motion_file(fourdm_path).version.name == "4dm"
+    assert "also holds UNet weights besides 4DM's motion modules, which only MV4D Load 4DM uses" in caplog.text
     state = checkpoint["state_dict"]
     comfy.model_management.load_models_gpu([model])  # ComfyUI patches the model: the modules are injected
     try:
