@@ -25,6 +25,7 @@ from ..kernels.errors import InvalidInput
 from ..kernels.grid import Grid
 from ..kernels.models.alignment import AlignmentAdapters, TrainingSettings, load_adapters, save_adapters
 from ..kernels.training_data import Clip
+from .host import normal_tensors
 from .patches.alignment import alignment_adapters_of
 from .patches.motion import motion_of
 from .patches.multiview import ADAPTER_KEY as MULTIVIEW_ADAPTER_KEY
@@ -61,18 +62,6 @@ def encode_clips(clips: list[Clip], model, vae, text_encoder, on_clip: Callable[
         if on_clip is not None:
             on_clip(index + 1, len(clips))
     return encoded
-
-
-def _normal_tensors(module: torch.nn.Module) -> None:
-    """Tensors ComfyUI created under torch.inference_mode() (every model a node loads) cannot take part in autograd;
-    give each such parameter and buffer a normal copy of the same values (in place, once, before training)."""
-    for child in module.modules():
-        for name, value in list(child._parameters.items()):
-            if value is not None and value.is_inference():
-                child._parameters[name] = torch.nn.Parameter(value.clone(), requires_grad=value.requires_grad)
-        for name, value in list(child._buffers.items()):
-            if value is not None and value.is_inference():
-                child._buffers[name] = value.clone()
 
 
 class _Recompute:
@@ -169,7 +158,7 @@ def train_alignment_adapters(model, encoded: list[EncodedClip], settings: Traini
         model_management.load_models_gpu([model])
         device = model.load_device
         for module in (model.model, motion, adapters, *[p.model for p in model.additional_models.get(MULTIVIEW_ADAPTER_KEY, [])]):
-            _normal_tensors(module)
+            normal_tensors(module)
         start = 0
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
         if resume and checkpoint is not None and checkpoint.is_file():

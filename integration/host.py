@@ -63,6 +63,18 @@ def models_kept_loaded(models: list) -> Iterator[None]:
         model_management.load_models_gpu(models)
 
 
+def normal_tensors(module: torch.nn.Module) -> None:
+    """Tensors ComfyUI created under torch.inference_mode() (every model a node loads) cannot take part in autograd;
+    give each such parameter and buffer a normal copy of the same values (in place, once, before training)."""
+    for child in module.modules():
+        for name, value in list(child._parameters.items()):
+            if value is not None and value.is_inference():
+                child._parameters[name] = torch.nn.Parameter(value.clone(), requires_grad=value.requires_grad)
+        for name, value in list(child._buffers.items()):
+            if value is not None and value.is_inference():
+                child._buffers[name] = value.clone()
+
+
 def check_interrupt(done: int = 0, total: int = 0) -> None:
     """on_step for a loop inside another node's work (a fit inside sampling): stops when the user cancels, and draws
     no progress bar of its own (the node's bar stays the sampler's)."""

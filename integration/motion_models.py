@@ -5,6 +5,7 @@ AnimateDiff-Evolved users already have): safetensors, weights-only pickles, or a
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import comfy.utils
 from ..kernels.errors import InvalidInput
 from ..kernels.models.cameractrl import load_pose_encoder, qkv_merge_layers, split_cameractrl
 from ..kernels.models.cvd import CVDModel, load_cvd_model, normalize_cvd_state_dict
+from ..kernels.models.fourdm import is_4dm_state_dict, split_4dm
 from ..kernels.models.motion import MotionModel, load_motion_model, normalize_motion_state_dict
 from .patches.camera_control import CameraControl
 
@@ -44,6 +46,9 @@ def load_motion_file(path: Path, argument: str = "motion_module") -> MotionModel
     state_dict, config = read_weights(path, argument)
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):  # 4DM's 4dm.ckpt, Lightning-style
         state_dict = state_dict["state_dict"]
+    if is_4dm_state_dict(state_dict) and split_4dm(state_dict, argument).unet:
+        logging.warning("mv4d: %s also holds UNet weights besides 4DM's motion modules, which only MV4D Load 4DM uses",
+                        path.name)
     normalized, version = normalize_motion_state_dict(state_dict, config.get("motion_max_seq_length"), argument)
     motion = load_motion_model(normalized, version, argument, operations=comfy.ops.manual_cast)
     return motion.eval().requires_grad_(False)

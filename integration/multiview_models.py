@@ -66,14 +66,20 @@ def load_multiview_model(path: Path, embedding_directory=None) -> LoadedMultivie
     diffusers-format folder. Raises InvalidInput (argument 'ckpt_name') for files of another family."""
     if path.is_dir():
         return build_multiview_model(read_diffusers_folder(path), embedding_directory)
+    return build_multiview_model(split_checkpoint(read_checkpoint(path)), embedding_directory)
+
+
+def read_checkpoint(path: Path, argument: str = "ckpt_name") -> dict:
+    """The state dict of a checkpoint file (.safetensors, or a pickle read as weights only), unwrapped from a
+    Lightning-style {'state_dict': ...}."""
     try:
         state_dict = comfy.utils.load_torch_file(str(path), safe_load=True)  # weights_only=True for pickles
     except pickle.UnpicklingError as error:
-        raise InvalidInput("ckpt_name", f"{path.name} holds more than weights, so it is not loaded ({str(error).splitlines()[0]})",
+        raise InvalidInput(argument, f"{path.name} holds more than weights, so it is not loaded ({str(error).splitlines()[0]})",
                            "use a .safetensors version of the checkpoint, or convert it with a trusted script") from None
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):  # Lightning-style wrapper
         state_dict = state_dict["state_dict"]
-    return build_multiview_model(split_checkpoint(state_dict), embedding_directory)
+    return state_dict
 
 
 def read_diffusers_folder(folder: Path) -> MultiviewCheckpoint:
@@ -95,9 +101,10 @@ def diffusers_folder_family(folder: Path) -> str | None:
         return None
 
 
-def build_multiview_model(checkpoint: MultiviewCheckpoint, embedding_directory=None) -> LoadedMultiviewModel:
+def build_multiview_model(checkpoint: MultiviewCheckpoint, embedding_directory=None, unet_dtypes=None) -> LoadedMultiviewModel:
+    """unet_dtypes: the UNet dtypes to choose from, in order of preference (default: ComfyUI's for the base)."""
     family = checkpoint.family
-    model = with_multiview_patches(sd_unet(checkpoint), build_adapter(checkpoint.adapter_shape, checkpoint.adapter), family)
+    model = with_multiview_patches(sd_unet(checkpoint, unet_dtypes), build_adapter(checkpoint.adapter_shape, checkpoint.adapter), family)
     clip = text_encoder(checkpoint, embedding_directory) if checkpoint.text else None
     vae = comfy.sd.VAE(sd=checkpoint.vae) if checkpoint.vae else None
     clip_vision = image_encoder(checkpoint) if checkpoint.clip_vision else None
@@ -107,16 +114,18 @@ def build_multiview_model(checkpoint: MultiviewCheckpoint, embedding_directory=N
     return LoadedMultiviewModel(family, model, clip, vae, clip_vision, missing)
 
 
-def sd_unet(checkpoint: MultiviewCheckpoint):
-    """A stock ComfyUI SD15 / SD20 BaseModel (eps) of the checkpoint's UNet, in a ModelPatcher."""
+def sd_unet(checkpoint: MultiviewCheckpoint, unet_dtypes=None):
+    """A stock ComfyUI SD15 / SD20 BaseModel (eps) of the checkpoint's UNet, in a ModelPatcher. ComfyUI picks its
+    dtype (its command-line flags first) among unet_dtypes, or the base's supported dtypes."""
     state_dict = {ORIGINAL_UNET_PREFIX + key: value for key, value in checkpoint.unet.items()}
     config = getattr(comfy.supported_models, checkpoint.family.base)(
         comfy.model_detection.detect_unet_config(state_dict, ORIGINAL_UNET_PREFIX))
     parameters = comfy.utils.calculate_parameters(state_dict, ORIGINAL_UNET_PREFIX)
     load_device = model_management.get_torch_device()
-    unet_dtype = model_management.unet_dtype(model_params=parameters, supported_dtypes=config.supported_inference_dtypes,
+    supported = list(unet_dtypes or config.supported_inference_dtypes)
+    unet_dtype = model_management.unet_dtype(model_params=parameters, supported_dtypes=supported,
                                              weight_dtype=comfy.utils.weight_dtype(state_dict, ORIGINAL_UNET_PREFIX))
-    config.set_inference_dtype(unet_dtype, model_management.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes))
+    config.set_inference_dtype(unet_dtype, model_management.unet_manual_cast(unet_dtype, load_device, supported))
     model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS,
                                        device=model_management.unet_inital_load_device(parameters, unet_dtype))
     model.load_model_weights(state_dict, ORIGINAL_UNET_PREFIX)

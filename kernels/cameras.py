@@ -317,6 +317,17 @@ def sv3d_angles(rig: CameraRig, reference_view: int = -1) -> SV3DAngles:
     return SV3DAngles(elevations.tolist(), relative.tolist())
 
 
+def rotated_about_up(rig: CameraRig, degrees: float, centre: Sequence[float] = (0.0, 0.0, 0.0)) -> CameraRig:
+    """The rig turned by `degrees` about the world's up axis (+Z) through `centre`, counter-clockwise seen from
+    above (an orbit's azimuths all grow by `degrees`); intrinsics and image size unchanged."""
+    angle = math.radians(degrees)
+    turn = torch.eye(4, dtype=GEOMETRY_DTYPE)
+    turn[:2, :2] = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=GEOMETRY_DTYPE)
+    centre = torch.as_tensor(centre, dtype=GEOMETRY_DTYPE)
+    turn[:3, 3] = centre - turn[:3, :3] @ centre
+    return CameraRig(rig.world_to_camera @ inverse_transformation(turn), rig.intrinsics, rig.height, rig.width)
+
+
 def mvdream_cameras(rig: CameraRig) -> torch.Tensor:
     """(N, 16) camera embeddings in MVDream's (and ImageDream's, 4DM's) convention: the flattened 4 x 4
     camera-to-world matrix with OpenGL camera axes (x right, y up, z backward) in a +Z-up world (MVDream's

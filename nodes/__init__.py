@@ -8,6 +8,7 @@ from .cvd import ApplyCVD, LoadCVDModule
 from .composition import (ComposedGuiderNode, DecodeGrid, GridConditioningNode, PromptGridConditioningNode, ReferenceRowLatent,
                           RollbackEuler, SV3DConditioning)
 from .epipolar import EpipolarMask, PreviewEpipolarMask
+from .fourdm import FourDMConditioning, Load4DM, Refine4DWithSDS
 from ..integration.host import register_model_folders
 from .load_multiview import LoadMultiviewImages
 from .alignment import ApplyAlignmentAdapters, LoadAlignmentAdapters, MakeDemoTrainingSet, TrainAlignmentAdapters
@@ -24,6 +25,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMultiviewModel, MultiviewConditioning, ImageDreamConditioning,
     LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl, LoadCVDModule, ApplyCVD,
     LoadAlignmentAdapters, ApplyAlignmentAdapters, TrainAlignmentAdapters, MakeDemoTrainingSet,
+    Load4DM, FourDMConditioning, Refine4DWithSDS,
     SV3DConditioning, GridConditioningNode, PromptGridConditioningNode, ReferenceRowLatent, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode,
     AwareDenoising, AwareReconstruction,
     Fit4DGaussians, Render4D, Save4D, Load4D, Preview4D,

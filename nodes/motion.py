@@ -9,6 +9,9 @@ from ..integration.motion_models import load_cameractrl_file, load_motion_file, 
 from ..integration.node_errors import input_error, kernel_errors_as_node_errors
 from ..integration.patches.camera_control import APPLY_NODE as APPLY_CAMERA, with_camera_control
 from ..integration.patches.motion import APPLY_NODE as APPLY_MOTION, has_motion, motion_of, with_motion
+from ..integration.patches.multiview import multiview_family
+from ..kernels.models.fourdm import BASE_FILE, VERSION as FOURDM_VERSION
+from ..kernels.models.multiview import IMAGEDREAM
 from .types import Cameras, CameraCtrlSocket, MotionModuleSocket
 
 LOAD_MOTION = "MV4D Load Motion Module"
@@ -48,6 +51,9 @@ class LoadMotionModule(io.ComfyNode):
             motion = load_motion_file(checked_file(LOAD_MOTION, "motion_module", motion_module))
         version = motion.version
         text = f"AnimateDiff {version.name}: {version.table_length}-frame position table, {'with' if version.mid_block else 'no'} mid block"
+        if version.name == FOURDM_VERSION:
+            text = (f"4DM's motion modules ({version.table_length}-frame position table), made for ImageDream: MV4D Load 4DM "
+                    "loads them with their base in one node (and any UNet weights the file holds)")
         return io.NodeOutput(motion, ui=ui.PreviewText(text))
 
 
@@ -85,12 +91,24 @@ class ApplyMotionModule(io.ComfyNode):
                               "connect the model straight from its loader (use one of the two packs' motion nodes, not both)")
         if present == "mv4d":
             raise input_error(APPLY_MOTION, "model", "this MODEL already has a motion module", "apply one motion module only")
+        if motion.version.name == FOURDM_VERSION:
+            check_4dm_base(model, SCHEDULES[schedule])
         if frames > motion.version.table_length:
             raise input_error(APPLY_MOTION, "frames", f"{frames} frames, but this motion module's position table has "
                               f"{motion.version.table_length}", f"use at most {motion.version.table_length} frames, or core "
                               "context windows (ContextWindowsManual) with frames 0")
         return io.NodeOutput(with_motion(model, motion, frames, sampling=SCHEDULES[schedule],
                                          cross_frame_norm=cross_frame_norm or None))
+
+
+def check_4dm_base(model, animatediff_schedule: bool) -> None:
+    """4DM's motion modules belong on ImageDream, with ImageDream's noise schedule."""
+    if multiview_family(model) != IMAGEDREAM.id:
+        raise input_error(APPLY_MOTION, "model", "4DM's motion modules were trained on ImageDream, and this MODEL is not ImageDream",
+                          f"load ImageDream ({BASE_FILE}) with MV4D Load Multi-view Model, or load both files with MV4D Load 4DM")
+    if animatediff_schedule:
+        raise input_error(APPLY_MOTION, "schedule", "4DM keeps ImageDream's noise schedule (LDM linear), not AnimateDiff's",
+                          "set schedule to \"keep the model's\" (MV4D Load 4DM does so)")
 
 
 class LoadCameraCtrl(io.ComfyNode):

@@ -47,6 +47,8 @@ MODEL_FOLDERS = {
     "lora_name": "models/loras",
     "unet_name": "models/diffusion_models (or models/unet)",
     "control_net_name": "models/controlnet",
+    "base_ckpt": "models/checkpoints",  # MV4D Load 4DM's ImageDream base
+    "fourdm": "models/animatediff_models",  # MV4D Load 4DM's 4dm.ckpt
 }
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".onnx")
 MAX_LISTED = 12  # options or names quoted in one message line

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import InvalidInput
+from .fourdm import NOT_A_BASE, is_4dm_state_dict
 from .sd_unet import BlockKey, block_key_of, transformer_block_keys
 
 CAMERA_DIM = 16
@@ -192,6 +194,8 @@ def _unet_prefix(state_dict: dict, argument: str) -> str:
     for prefix in (ORIGINAL_UNET_PREFIX, ""):
         if f"{prefix}input_blocks.0.0.weight" in state_dict:
             return prefix
+    if is_4dm_state_dict(state_dict):
+        raise InvalidInput(argument, *NOT_A_BASE)  # 4dm.ckpt picked as a checkpoint
     raise InvalidInput(argument, "this file holds no Stable Diffusion UNet (no input_blocks.0.0.weight under "
                        "model.diffusion_model. or at the top level)",
                        "pick an MVDream / ImageDream checkpoint (sd-v1.5-4view.pt, sd-v2.1-base-4view.pt, "
@@ -258,12 +262,15 @@ def adapter_state_dict(unet: dict, argument: str = "ckpt_name") -> tuple[dict, A
     return state, AdapterShape(time_embed_dim, resampler, tuple(blocks), dims)
 
 
-def split_checkpoint(state_dict: dict, argument: str = "ckpt_name") -> MultiviewCheckpoint:
+def split_checkpoint(state_dict: dict, argument: str = "ckpt_name", edit_unet: Callable[[dict], dict] | None = None) -> MultiviewCheckpoint:
     """An original MVDream / ImageDream checkpoint (model.diffusion_model.*, with first_stage_model.* and
     cond_stage_model.* for MVDream, vae_model.* and clip_model.model.* for ImageDream, any of them possibly
-    absent) or a bare UNet file, split into its parts."""
+    absent) or a bare UNet file, split into its parts. edit_unet: applied to the UNet's keys (no prefix) before
+    anything is read from them (4DM's weights over ImageDream's)."""
     prefix = _unet_prefix(state_dict, argument)
     unet = _strip(state_dict, prefix) if prefix else {k: v for k, v in state_dict.items() if not k.startswith(_NON_UNET_PREFIXES)}
+    if edit_unet is not None:
+        unet = edit_unet(unet)
     family = detect_family(unet, argument)
     adapter, shape = adapter_state_dict(unet, argument)
     for key in adapter_keys(unet):

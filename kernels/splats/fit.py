@@ -233,7 +233,8 @@ def _fit(video, settings, device, on_step, start, objective, strategy) -> FitRes
                                           settings.initial_time_window, on_batch=lambda: on_step(0, settings.iterations) if on_step else None)
         else:
             gaussians = start.detached().to(device)
-        params = {name: torch.nn.Parameter(value.contiguous()) for name, value in gaussians.params.items()}
+        # copies: a warm start may be a node's output, made under inference mode, which autograd cannot use
+        params = {name: torch.nn.Parameter(value.clone(memory_format=torch.contiguous_format)) for name, value in gaussians.params.items()}
         gaussians = DynamicGaussians(params, settings.motion)  # the strategy edits this dict in place
         scene_scale = camera_extent(video.cameras)
         base_rates = {name: LEARNING_RATES[name] * (scene_scale if name in POSITION_PARAMETERS else 1.0) for name in params}

@@ -99,6 +99,31 @@ NOTES["vividzoo_text_to_4d"] = [
     "## Smaller GPUs\n\n4 views x 16 frames at 256 px is one UNet call of 128 images with CFG (bench/RESULTS.md has the "
     "memory): lower `frames` (8) or `views` first.",
 ]
+FOURDM_FILES = (
+    "## Model files\n\n`sd-v2.1-base-4view-ipmv.pt` (ImageDream, huggingface.co/Peng-Wang/ImageDream) in `models/checkpoints/`: 4DM's "
+    "base. `4dm.ckpt` from 4Diffusion's release (a Google Drive folder linked from github.com/aejion/4Diffusion) in "
+    "`models/animatediff_models/`. If the loader says the base has no text encoder, VAE or CLIP vision, load them with core "
+    "Load CLIP (SD2.1's OpenCLIP ViT-H), Load VAE and Load CLIP Vision (CLIP-ViT-H-14-laion2B-s32B-b79K) and connect those.")
+NOTES["video_to_multiview_4dm"] = [
+    "## Video -> multi-view video (4Diffusion's 4DM)\n\n4DM is ImageDream with motion modules: each of `frames` frames of the "
+    "monocular video (*Input video*, core LoadVideo, names `mv4d_input.mp4`) is the image prompt and the pixel controller's "
+    "image of its own frame, and one KSampler run makes `views` x `frames` images (views attend to each other per frame, "
+    "frames per view). View 0 looks from the video's side. Use an object centred on a white background.",
+    FOURDM_FILES,
+    "## Smaller GPUs\n\n4 views + the controller view x 8 frames at 256 px is one UNet call of 80 images with CFG "
+    "(bench/RESULTS.md has the memory). 4DM was trained on 8 frames; up to 32 run (its position table), quality beyond 8 is "
+    "not measured. Lower `frames` first.",
+]
+NOTES["video_to_4d_4diffusion"] = [
+    "## Video -> 4D (4Diffusion)\n\nThe `video_to_multiview_4dm` graph, then MV4D Fit 4D Gaussians on the 4DM video and "
+    "**MV4D Refine 4D with SDS**: 4DM's score on renders at random turns of the cameras over random 8-frame windows "
+    "(x0-reconstruction SDS, CFG 5) plus the anchor loss of view 0's render to the input video (100 x (1 - SSIM); LPIPS "
+    "200 when its weights are in models/lpips). Turntable + `.splatv` / `.ply` per frame in `output/mv4d/`.",
+    FOURDM_FILES,
+    "## Smaller GPUs\n\nEach SDS iteration is one 4DM call with CFG (80 images at 256 px) plus the renders' encoding with "
+    "gradients (8 images at a time); lower `frames` or the refinement's `window_frames` first, `iterations` to go faster. "
+    "`bench/fourdm_step.py` measures a step and an iteration.",
+]
 NOTES["vividzoo_train_adapters"] = [
     "## Train alignment adapters on demo data (Vivid-ZOO)\n\nMV4D Make Demo Training Set renders the pack's synthetic "
     "scene from random orbits (no dataset needed); MV4D Train Alignment Adapters trains only the alignment layers "
@@ -165,9 +190,11 @@ MODEL_PAGES = {
     "mm_sd_v15_v2.ckpt": "https://huggingface.co/guoyww/animatediff/resolve/main/mm_sd_v15_v2.ckpt",
     "CameraCtrl.ckpt": "https://huggingface.co/hehao13/CameraCtrl/resolve/main/CameraCtrl.ckpt",
 }
-LOADER_INPUTS = {"MV4D_LoadMultiviewModel": ("ckpt_name", "checkpoints"), "ImageOnlyCheckpointLoader": ("ckpt_name", "checkpoints"),
-                 "CheckpointLoaderSimple": ("ckpt_name", "checkpoints"), "MV4D_LoadMotionModule": ("motion_module", "animatediff_models"),
-                 "MV4D_LoadCameraCtrl": ("cameractrl", "animatediff_models"), "MV4D_LoadCVDModule": ("cvd_module", "animatediff_models")}
+# loader node -> the (input, models folder) of each file it names
+LOADER_INPUTS = {"MV4D_LoadMultiviewModel": [("ckpt_name", "checkpoints")], "ImageOnlyCheckpointLoader": [("ckpt_name", "checkpoints")],
+                 "CheckpointLoaderSimple": [("ckpt_name", "checkpoints")], "MV4D_LoadMotionModule": [("motion_module", "animatediff_models")],
+                 "MV4D_LoadCameraCtrl": [("cameractrl", "animatediff_models")], "MV4D_LoadCVDModule": [("cvd_module", "animatediff_models")],
+                 "MV4D_Load4DM": [("fourdm", "animatediff_models"), ("base_ckpt", "checkpoints")]}
 
 # The frontend's own arrangement of the API prompt: where each node goes and how large it is.
 LAYOUT = """(async (api, name) => {
@@ -196,11 +223,10 @@ THUMBNAIL_WIDTH = 640
 def model_metadata(api: dict) -> dict[str, list[dict]]:
     metadata = {}
     for node_id, node in api.items():
-        if node["class_type"] in LOADER_INPUTS:
-            name_input, directory = LOADER_INPUTS[node["class_type"]]
-            name = node["inputs"][name_input]
-            if name in MODEL_PAGES:
-                metadata[node_id] = [{"name": name, "url": MODEL_PAGES[name], "directory": directory}]
+        files = [(node["inputs"][name_input], directory) for name_input, directory in LOADER_INPUTS.get(node["class_type"], [])]
+        listed = [{"name": name, "url": MODEL_PAGES[name], "directory": directory} for name, directory in files if name in MODEL_PAGES]
+        if listed:  # files without a direct download (4dm.ckpt) are named in the template's note instead
+            metadata[node_id] = listed
     return metadata
 
 

@@ -99,11 +99,12 @@ TINY_NODE_SETTINGS = {  # per node type, what a CPU test machine runs instead
     "MV4D_MakeDemoTrainingSet": {"clips": 2},
     "MV4D_3DAwareDenoising": TINY_AWARE,
     "MV4D_TrainAlignmentAdapters": {"steps": 2, "checkpoint_every": 1},
+    "MV4D_Refine4DWithSDS": {"iterations": 3, "window_frames": 2},
 }
 
 
 TINY_LOADERS = {"ImageOnlyCheckpointLoader", "MV4D_LoadMultiviewModel", "CheckpointLoaderSimple", "MV4D_LoadMotionModule",
-                "MV4D_LoadCameraCtrl", "MV4D_LoadCVDModule"}
+                "MV4D_LoadCameraCtrl", "MV4D_LoadCVDModule", "MV4D_Load4DM"}
 
 
 def tiny_multiview_kind(ckpt_name: str) -> str:
@@ -140,6 +141,8 @@ def on_tiny_models(prompt: dict) -> dict:
             node["class_type"], node["inputs"] = "MV4DTest_TinyCameraCtrl", {}
         elif kind == "MV4D_LoadCVDModule":
             node["class_type"], node["inputs"] = "MV4DTest_TinyCVDModule", {}
+        elif kind == "MV4D_Load4DM":
+            node["class_type"], node["inputs"] = "MV4DTest_Tiny4DM", {}
         elif kind == "PrimitiveInt" and title in TINY_SETTING:
             inputs["value"] = TINY_SETTING[title]
         elif kind in TINY_NODE_SETTINGS:

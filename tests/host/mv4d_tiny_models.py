@@ -333,3 +333,60 @@ def tiny_cvd_module(seed: int = 700, zero: bool = False):
 
     normalized = normalize_cvd_state_dict(tiny_cvd_checkpoint(seed, zero))
     return load_cvd_model(normalized, operations=comfy.ops.manual_cast).eval().requires_grad_(False)
+# A tiny 4DM (4Diffusion): motion modules at the tiny ImageDream's channels, in 4dm.ckpt's own layout.
+
+# Where 4DM's UNet holds each AnimateDiff motion module (MODELS.md section 6), written out rather than computed,
+# so the pack's key map is checked against the layout, not against itself.
+FOURDM_POSITIONS = {
+    "down_blocks.0.motion_modules.0": "input_blocks.1.2", "down_blocks.0.motion_modules.1": "input_blocks.2.2",
+    "down_blocks.1.motion_modules.0": "input_blocks.4.2", "down_blocks.1.motion_modules.1": "input_blocks.5.2",
+    "down_blocks.2.motion_modules.0": "input_blocks.7.2", "down_blocks.2.motion_modules.1": "input_blocks.8.2",
+    "down_blocks.3.motion_modules.0": "input_blocks.10.1", "down_blocks.3.motion_modules.1": "input_blocks.11.1",
+    "mid_block.motion_modules.0": "middle_block.2",
+    "up_blocks.0.motion_modules.0": "output_blocks.0.1", "up_blocks.0.motion_modules.1": "output_blocks.1.1",
+    "up_blocks.0.motion_modules.2": "output_blocks.2.1",
+    "up_blocks.1.motion_modules.0": "output_blocks.3.2", "up_blocks.1.motion_modules.1": "output_blocks.4.2",
+    "up_blocks.1.motion_modules.2": "output_blocks.5.2",
+    "up_blocks.2.motion_modules.0": "output_blocks.6.2", "up_blocks.2.motion_modules.1": "output_blocks.7.2",
+    "up_blocks.2.motion_modules.2": "output_blocks.8.2",
+    "up_blocks.3.motion_modules.0": "output_blocks.9.2", "up_blocks.3.motion_modules.1": "output_blocks.10.2",
+    "up_blocks.3.motion_modules.2": "output_blocks.11.2",
+}
+
+
+def tiny_4dm_checkpoint(seed: int = 700, zero_proj_out: bool = False, spatial: dict | None = None) -> dict:
+    """What torch.load gives for 4dm.ckpt: {'state_dict': {'module.' + key}} with the motion modules at 4DM's UNet
+    positions (v2's modules: mid block, 32-frame tables) and, if given, spatial UNet weights in the official UNet's
+    shifted layout. zero_proj_out: every module an identity."""
+    from mv4d.kernels.models.motion import MotionModel, MotionVersion
+
+    model = MotionModel(MotionVersion("4dm", 32, True, False, "4dm"), TINY_MOTION_CHANNELS)
+    init_weights(model, seed)
+    state = {}
+    for key, value in model.state_dict().items():
+        module = next(name for name in FOURDM_POSITIONS if key.startswith(name + "."))
+        if zero_proj_out and ".proj_out." in key:
+            value = torch.zeros_like(value)
+        state[f"module.{FOURDM_POSITIONS[module]}{key[len(module):]}"] = value.clone()
+    state.update({f"module.{key}": value for key, value in (spatial or {}).items()})
+    return {"state_dict": state, "epoch": 3, "global_step": 1000}
+
+
+def write_4dm_files(folder, seed: int = 0, zero_proj_out: bool = False, spatial: dict | None = None):
+    """(4dm.ckpt, base .pt) paths of a tiny 4DM and its tiny ImageDream base, written into `folder`."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    torch.save(tiny_4dm_checkpoint(700 + seed, zero_proj_out, spatial), folder / "4dm.ckpt")
+    torch.save(tiny_multiview_checkpoint("imagedream", seed), folder / "sd-v2.1-base-4view-ipmv.pt")
+    return folder / "4dm.ckpt", folder / "sd-v2.1-base-4view-ipmv.pt"
+
+
+def tiny_4dm_model(seed: int = 0, zero_proj_out: bool = False):
+    """(MODEL, CLIP, VAE, CLIP_VISION) as MV4D Load 4DM gives them for a tiny 4dm.ckpt on the tiny ImageDream file,
+    loaded through the pack's own loader (the encoders: tiny_multiview_model('imagedream', seed)'s)."""
+    from mv4d.integration.fourdm_models import load_4dm
+
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = load_4dm(*write_4dm_files(folder, seed, zero_proj_out)).loaded
+    return loaded.model, tiny_text_encoder(310 + seed), tiny_vae(210 + seed), tiny_clip_vision(110 + seed)

@@ -29,6 +29,9 @@ EXPECTED_NODES = {
     "MV4D_MakeDemoTrainingSet": "MV4D Make Demo Training Set",
     "MV4D_LoadCVDModule": "MV4D Load CVD Module",
     "MV4D_ApplyCVD": "MV4D Apply CVD",
+    "MV4D_Load4DM": "MV4D Load 4DM",
+    "MV4D_4DMConditioning": "MV4D 4DM Conditioning",
+    "MV4D_Refine4DWithSDS": "MV4D Refine 4D with SDS",
     "MV4D_SV3DConditioning": "MV4D SV3D Conditioning",
     "MV4D_GridConditioning": "MV4D Grid Conditioning",
     "MV4D_PromptGridConditioning": "MV4D Prompt Grid Conditioning",
@@ -61,6 +64,8 @@ def test_comfy_entrypoint_registers_every_node_with_a_complete_schema(mv4d_nodes
             assert item.tooltip, f"{node_id}.{item.id} has no tooltip"
         for item in schema.outputs:
             assert item.tooltip, f"{node_id} output {item.id} has no tooltip"
+        # ComfyUI 0.3.64 refuses a schema whose input and output ids meet, and registers none of the nodes after it
+        assert not {item.id for item in schema.inputs} & {item.id for item in schema.outputs}, node_id
     for node in nodes:
         info = node.GET_NODE_INFO_V1()  # what /object_info serves
         assert info["category"].startswith("mv4d/")

@@ -40,6 +40,10 @@ MAGIC = {".ply": b"ply\n", ".splatv": bytes([0x4B, 0x67, 0, 0]), ".safetensors":
 @pytest.mark.parametrize("workflow", sorted(path.name for path in (WORKFLOWS / "api").glob("*.json")))
 def test_every_shipped_api_workflow_runs(comfy_server, workflow):
     prompt = on_tiny_models(load_api_workflow(workflow))
+    known = get_json(comfy_server.url + "/object_info")
+    core_missing = sorted({node["class_type"] for node in prompt.values() if not node["class_type"].startswith("MV4D")} - set(known))
+    if core_missing:  # a core node this host version lacks (the workflows' video loader, say); ours must all be there
+        pytest.skip(f"this ComfyUI has no {', '.join(core_missing)}, which {workflow} uses")
     entry = run_prompt(comfy_server.url, prompt)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     saved = {Path(item["filename"]).suffix for output in entry["outputs"].values() for item in output.get("files", [])}

@@ -179,3 +179,14 @@ def test_prompt_validation_errors_are_one_line_per_node_and_input():
     answer = {"error": {"type": "invalid_prompt", "message": "Cannot execute because node Foo does not exist.", "details": ""},
               "node_errors": {}}
     assert format_prompt_errors(answer, {}) == ["Cannot execute because node Foo does not exist."]
+
+
+def test_4dms_two_files_name_their_folders():
+    info = copy.deepcopy(OBJECT_INFO)
+    info["MV4D_Load4DM"] = {"input": {"required": {"fourdm": ["COMBO", {"options": ["mm_sd_v15_v2.ckpt"]}],
+                                                   "base_ckpt": ["COMBO", {"options": ["sd15.safetensors"]}]}}}
+    workflow = image_workflow()
+    workflow["9"] = {"class_type": "MV4D_Load4DM", "inputs": {"fourdm": "4dm.ckpt", "base_ckpt": "sd-v2.1-base-4view-ipmv.pt"}}
+    fourdm, base = check_against_object_info(workflow, info, find_input_node(workflow))
+    assert fourdm.startswith("node 9 (MV4D_Load4DM) input 'fourdm': model file '4dm.ckpt' not found in models/animatediff_models")
+    assert base.startswith("node 9 (MV4D_Load4DM) input 'base_ckpt': model file 'sd-v2.1-base-4view-ipmv.pt' not found in models/checkpoints")

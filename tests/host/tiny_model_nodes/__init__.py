@@ -56,6 +56,21 @@ class TinyMultiviewModel:
         return tiny_models.tiny_multiview_model(kind)
 
 
+class Tiny4DM:
+    """MV4D Load 4DM's outputs for a tiny 4dm.ckpt on the tiny ImageDream file, loaded by mv4d's own loader."""
+
+    CATEGORY = "mv4d_tests"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE", "CLIP_VISION")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return tiny_models.tiny_4dm_model()
+
+
 class TinySD15Checkpoint:
     """CheckpointLoaderSimple's outputs for an SD1.5 file: the tiny SD1.5 UNet, text encoder and VAE."""
 
@@ -116,4 +131,5 @@ class TinyCVDModule:
 
 NODE_CLASS_MAPPINGS = {"MV4DTest_TinyCheckpoint": TinyCheckpoint, "MV4DTest_TinyMultiviewModel": TinyMultiviewModel,
                        "MV4DTest_TinySD15Checkpoint": TinySD15Checkpoint, "MV4DTest_TinyMotionModule": TinyMotionModule,
-                       "MV4DTest_TinyCameraCtrl": TinyCameraCtrl, "MV4DTest_TinyCVDModule": TinyCVDModule}
+                       "MV4DTest_TinyCameraCtrl": TinyCameraCtrl, "MV4DTest_TinyCVDModule": TinyCVDModule,
+                       "MV4DTest_Tiny4DM": Tiny4DM}
