@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import comfy.model_management as model_management
-import comfy.patcher_extension
 import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.attention import SpatialTransformer
@@ -25,7 +24,7 @@ from ..kernels.errors import InvalidInput
 from ..kernels.grid import Grid
 from ..kernels.models.alignment import AlignmentAdapters, TrainingSettings, load_adapters, save_adapters
 from ..kernels.training_data import Clip
-from .host import normal_tensors
+from .host import normal_tensors, sampling_options
 from .patches.alignment import alignment_adapters_of
 from .patches.motion import motion_of
 from .patches.multiview import ADAPTER_KEY as MULTIVIEW_ADAPTER_KEY
@@ -95,7 +94,7 @@ def denoising_loss(model, batch: list[EncodedClip], timesteps: torch.Tensor, noi
     noise = noise.to(device)
     x = x0 + noise * sigma.view(-1, 1, 1, 1)  # ComfyUI's eps noise scaling: the latent plus sigma times the noise
     context = torch.cat([c.to(device).expand(grid.cells, -1, -1) for c in contexts])
-    options = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
+    options = sampling_options(model)["transformer_options"]
     options["cond_or_uncond"] = [0] * len(batch)
     with torch.autocast(device.type, dtype=dtype_context, enabled=dtype_context is not None):
         denoised = model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options,

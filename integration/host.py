@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import comfy.model_management as model_management
+import comfy.model_patcher
+import comfy.sampler_helpers
 import comfy.utils
 import folder_paths
 import torch
@@ -61,6 +63,17 @@ def models_kept_loaded(models: list) -> Iterator[None]:
     yield
     if any(model.loaded_size() < size for model, size in zip(models, before)):
         model_management.load_models_gpu(models)
+
+
+def sampling_options(model) -> dict:
+    """A ModelPatcher's model options as a sampler prepares them for its model calls, with the patcher's wrappers
+    and callbacks in transformer_options. For model calls made outside a sampler (training, score distillation):
+    without them the model's wrappers do not run, among them the one that hands our conditioning (cameras, the
+    grid) to the patches."""
+    options = comfy.model_patcher.create_model_options_clone(model.model_options)
+    options.setdefault("transformer_options", {})
+    comfy.sampler_helpers.prepare_model_patcher(model, {}, options)
+    return options
 
 
 def normal_tensors(module: torch.nn.Module) -> None:

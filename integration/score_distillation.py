@@ -49,6 +49,7 @@ class FourDMScore:
         self._alphas_cumprod = 1 / (1 + sigmas ** 2)  # ComfyUI's discrete eps schedule: sigma^2 = (1 - ab) / ab
         self.sigmas = sigmas
         self.inner = None
+        self.options: dict = {}  # the model options a sampler would give its calls, while loaded
         self.loaded_models: list = []
         self._encoder_ready = False
 
@@ -65,6 +66,7 @@ class FourDMScore:
             self.inner, _, self.loaded_models = comfy.sampler_helpers.prepare_sampling(self.model, noise_shape, conds,
                                                                                       self.model.model_options)
             self.model.pre_run()
+            self.options = host.sampling_options(self.model)
         try:
             yield self
         finally:
@@ -104,7 +106,7 @@ class FourDMScore:
         conds = {"positive": comfy.sampler_helpers.convert_cond(positive), "negative": comfy.sampler_helpers.convert_cond(negative)}
         conds = comfy.samplers.process_conds(self.inner, x, conds, device, None, None, self.seed)
         sigmas = torch.full((len(x),), sigma, device=device)
-        options = self.model.model_options
+        options = self.options
         cond, uncond = comfy.samplers.calc_cond_batch(self.inner, [conds["positive"], conds["negative"]], x, sigmas, options)
         guided = comfy.samplers.cfg_function(self.inner, cond, uncond, self.guidance_scale, x, sigmas, options,
                                              conds["positive"], conds["negative"])

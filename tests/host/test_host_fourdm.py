@@ -255,6 +255,31 @@ def test_through_the_real_4dm_the_sds_gradient_is_w_t_times_eps_hat_minus_eps_an
             assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 1e-6
 
 
+def test_the_sds_calls_give_the_motion_modules_the_rendered_grid(refinement_inputs, monkeypatch):
+    """SDS calls the UNet outside a sampler: the model's wrappers must still hand the (views + 1) x window grid to
+    the patches (else the motion modules would take every view's frames as one video)."""
+    import mv4d.integration.patches.motion as motion
+    from mv4d.integration.multiview_conditioning import prompts_of
+    from mv4d.integration.score_distillation import FourDMScore
+    from mv4d.kernels.grid import Grid
+    from mv4d.kernels.score_distillation import ScoreDistillation, SDSSettings
+
+    inputs = refinement_inputs
+    prompts, grid = prompts_of("test", inputs["positive"], inputs["negative"])
+    seen, original = [], motion.call_grid
+    monkeypatch.setattr(motion, "call_grid", lambda options, batch: seen.append(original(options, batch)) or original(options, batch))
+    score = FourDMScore(inputs["model"], inputs["vae"], prompts, guidance_scale=5.0)
+    with torch.inference_mode(False):
+        objective = ScoreDistillation(score, inputs["cameras"], inputs["splats_4d"].frame_times, SDSSettings(window_frames=2),
+                                      torch.ones(3), "torch")
+        draw = objective.draw(torch.Generator().manual_seed(4))
+        request = objective.request(draw)
+        images = torch.rand(request.grid.cells, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(6))
+        with score.loaded((grid.views * 2, 4, SIZE // 8, SIZE // 8)):
+            objective.sds_of_images(images, request, draw)
+    assert seen and all(call == Grid(grid.views, 2) for call in seen)
+
+
 def test_the_refinement_node_refines_the_gaussians_and_reports_both_terms(mv4d_nodes, refinement_inputs):
     inputs = refinement_inputs
     result = run_node(mv4d_nodes.Refine4DWithSDS, **inputs, **REFINE_SETTINGS)

@@ -220,3 +220,21 @@ def test_the_command_line_trains_resumes_and_stops_cleanly(comfy, parts, tmp_pat
     assert load_adapters(output)[0].info.steps_trained == 5
     assert alignment_cli.main([*args[:-5], "--steps", "0", "--resume"], tiny_components) == 2  # a clear refusal, not a traceback
     assert "steps, batch_size and checkpoint_every must be at least 1" in capsys.readouterr().err
+
+
+def test_training_calls_give_the_motion_and_multiview_patches_each_clips_grid_and_cameras(parts, monkeypatch):
+    """The training loss calls the UNet outside a sampler: the model's wrappers must still hand the clip's grid and
+    cameras to the patches (else the motion modules would take a clip's views x frames as one long video)."""
+    import mv4d.integration.patches.motion as motion
+    from mv4d.integration.alignment_training import held_out_loss
+    from mv4d.kernels.grid import Grid
+
+    seen, original = [], motion.call_grid
+
+    def recorded(options, batch):
+        seen.append((original(options, batch), "camera" in options.get("mv4d", {})))
+        return original(options, batch)
+
+    monkeypatch.setattr(motion, "call_grid", recorded)
+    held_out_loss(composite_of(parts), parts["held_out"], [400])
+    assert seen and all(grid == Grid(VIEWS, FRAMES) and cameras for grid, cameras in seen)
