@@ -97,7 +97,7 @@ def main() -> None:
     sampler = comfy.samplers.sampler_object("euler")
 
     def sample(steps: int) -> float:
-        sigmas = model.get_model_object("model_sampling").sigma_max * torch.linspace(1.0, 0.05, steps + 1)
+        sigmas = float(model.get_model_object("model_sampling").sigma_max) * torch.linspace(1.0, 0.05, steps + 1)
         if cuda:
             torch.cuda.synchronize()
         begin = time.perf_counter()
