@@ -130,6 +130,12 @@ class ModuleCall:
     cross_video: object | None = None
 
 
+def _in_own_dtype(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An alignment layer applied in its own dtype (trained adapters stay float32 beside a bf16 / fp16 UNet, which
+    the model's ComfyUI layers cast for themselves and these plain ones do not), the result in x's."""
+    return layer(x.to(layer.weight.dtype)).to(x.dtype)
+
+
 class MotionModule(nn.Module):
     """AnimateDiff's VanillaTemporalModule (keys temporal_transformer.*), on a view-major grid batch (B, C, h, w)."""
 
@@ -159,7 +165,7 @@ class MotionModule(nn.Module):
         tokens = normed.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         hidden = transformer.proj_in(tokens)
         if transformer.align_in is not None:
-            hidden = hidden + transformer.align_in(tokens)
+            hidden = hidden + _in_own_dtype(transformer.align_in, tokens)
         sequences = grid.frames_together(hidden)  # (b V h w, F, C)
         pose = None
         if call.pose is not None:
@@ -169,7 +175,7 @@ class MotionModule(nn.Module):
         hidden = grid.frames_apart(sequences, height * width)
         out = transformer.proj_out(hidden)
         if transformer.align_out is not None:
-            out = out + transformer.align_out(hidden)
+            out = out + _in_own_dtype(transformer.align_out, hidden)
         x = x + out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(x)
         return x if self.after is None else self.after(x, call)
 

@@ -77,3 +77,23 @@ def test_pose_encoder_features_follow_the_latent_levels_and_rays_are_relative_to
     assert [tuple(f.shape) for f in features] == [(6, 32, 8, 8), (6, 32, 4, 4), (6, 64, 2, 2), (6, 64, 1, 1)]
     with pytest.raises(InvalidInput, match="5 cameras for 2 video"):
         trajectory_rays(cameras.select(range(5)), grid, 64, 64)
+
+
+def test_float32_alignment_layers_run_beside_a_bfloat16_module():
+    """Trained adapters stay float32 while the UNet and its motion modules run in bf16 on a GPU: the layers are
+    applied in their own dtype and the result matches the all-float32 module within bf16 rounding."""
+    grid, module = Grid(2, 4), random_module()
+    for name in ("align_in", "align_out"):
+        layer = torch.nn.Linear(32, 32)
+        torch.nn.init.normal_(layer.weight, std=0.2)
+        setattr(module.temporal_transformer, name, layer)
+    x = torch.randn(grid.cells, 32, 4, 4)
+    with torch.no_grad():
+        expected = module(x, ModuleCall(grid))
+        half = random_module().to(torch.bfloat16)
+        half.load_state_dict({k: v.to(torch.bfloat16) for k, v in module.state_dict().items() if ".align_" not in k}, strict=False)
+        for name in ("align_in", "align_out"):
+            setattr(half.temporal_transformer, name, getattr(module.temporal_transformer, name))  # float32, shared
+        out = half(x.to(torch.bfloat16), ModuleCall(grid))
+    assert out.dtype == torch.bfloat16
+    assert float((out.float() - expected).abs().max()) < 0.05 * float(expected.abs().max())
