@@ -76,6 +76,27 @@ def emulate_card(cap_gib: float) -> subprocess.Popen | None:
     return holder
 
 
+def with_channels_last(model):
+    """A clone whose UNet runs in channels-last layout: 4-d convolution weights channels_last, 5-d (the temporal
+    (3, 1, 1) convolutions) channels_last_3d, and the input channels_last, so NHWC flows through the network and
+    the (b c h w -> b (h w) c) rearranges become views. The weights are converted in place (layout only, the
+    values are unchanged) at the first call after loading."""
+    import comfy.patcher_extension
+
+    def run(executor, x, *args, **kwargs):
+        for module in executor.class_obj.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, torch.nn.modules.conv._ConvNd) and weight is not None:
+                layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d if weight.dim() == 5 else None
+                if layout is not None and not weight.is_contiguous(memory_format=layout):
+                    weight.data = weight.data.contiguous(memory_format=layout)
+        return executor(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_channels_last", run)
+    return patched
+
+
 def random_grid_conditioning(views: int, frames: int, latent: int, context_dim: int):
     """The guider's conditioning with random reference embeddings and latents (cost does not depend on them)."""
     import importlib
@@ -216,7 +237,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
-    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
     parser.add_argument("--compile", action="store_true",
@@ -227,7 +248,8 @@ def main() -> None:
                         help="also time decoding one row (all frames) with SVD's real-size temporal VAE decoder")
     parser.add_argument("--profile", action="store_true",
                         help="profile one step (torch.profiler): top kernels to stderr, time shares by kernel kind in the JSON")
-    parser.add_argument("--profile-path", default="fast", help="the path whose step --profile profiles")
+    parser.add_argument("--profile-ops", action="store_true", help="with --profile: also the top operators with the lines that call them")
+    parser.add_argument("--profile-path", default="fast", help="the paths (comma-separated) whose step --profile profiles")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms per shape (ComfyUI's --fast autotune)")
     args = parser.parse_args()
@@ -267,6 +289,15 @@ def main() -> None:
               "views": args.views, "frames": args.frames, "size": args.size, "tiny": args.tiny,
               "memory_cap_gib": args.memory_cap_gib or None, "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark, "per_call": args.per_call, "build_seconds": round(build_seconds, 1)}
 
+    channels_last_models = None
+    if "channels_last" in args.paths.split(","):
+        channels_last_models = tuple(with_channels_last(m) for m in (video_model, multiview_model))
+    fused_models = {}
+    for path in [p for p in args.paths.split(",") if p.startswith("fused")]:
+        from mv4d.integration.patches.fused_elementwise import ALL_FUSIONS, FUSIONS, with_fused_elementwise
+
+        fusions = ALL_FUSIONS if path == "fused" else (FUSIONS[path.removeprefix("fused_")],)
+        fused_models[path] = tuple(with_fused_elementwise(m, fusions) for m in (video_model, multiview_model))
     fp8_models = None
     if "fp8" in args.paths.split(","):
         from mv4d.integration.patches.fp8_matmuls import with_fp8_matmuls
@@ -275,9 +306,11 @@ def main() -> None:
     batch_sizes = BatchSizes()
     peak = PeakVram() if cuda else None
 
+    outputs = {}  # each path's sampled grid, to compare the exact ones with "fast"
+
     def run(path: str, per_call: tuple[int, int]) -> float:
         """One joint evaluation (for "alternate": three, timed over the last two); its seconds."""
-        models = fp8_models if path == "fp8" else (video_model, multiview_model)
+        models = {"fp8": fp8_models, "channels_last": channels_last_models, **fused_models}.get(path) or (video_model, multiview_model)
         settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1],
                                   alternate_models=path == "alternate",  # otherwise the official defaults
                                   single_token_shortcut=path != "no_shortcut")
@@ -297,7 +330,7 @@ def main() -> None:
 
         guider.predict_noise = timed_predict
         with torch.inference_mode():
-            guider.sample(noise, empty, sampler, alternate_sigmas if path == "alternate" else sigmas, disable_pbar=True, seed=0)
+            outputs[path] = guider.sample(noise, empty, sampler, alternate_sigmas if path == "alternate" else sigmas, disable_pbar=True, seed=0).float().cpu()
         return sum(seconds[1:]) / len(seconds[1:]) if path == "alternate" else seconds[0]
 
     flops = None
@@ -318,6 +351,7 @@ def main() -> None:
         step = min(steps)
         entry = {"step_seconds": round(step, 3), "steps_seconds": [round(s, 3) for s in steps],
                  "warm_up_seconds": round(warm_up, 1),
+                 "graphs_compiled_so_far": torch._dynamo.utils.counters["stats"]["unique_graphs"],
                  "batches": {name: sorted(set(sizes)) for name, sizes in batch_sizes.take().items()}}
         if timer and path != "alternate":
             entry["unet_seconds"] = round(unet[steps.index(step)], 3)
@@ -340,14 +374,19 @@ def main() -> None:
             entry["tflops_per_s"] = round(flops / step / 1e12, 1)
             if "unet_seconds" in entry:
                 entry["unet_tflops_per_s"] = round(flops / entry["unet_seconds"] / 1e12, 1)
-        if path == args.profile_path and args.profile and cuda:
+        if path in args.profile_path.split(",") and args.profile and cuda:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as recorder:
                 run(path, per_call)
             events = recorder.key_averages()
-            print(events.table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+            print(f"== {path}\n" + events.table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
             entry["kernel_time_shares"] = kernel_time_shares(events)
+            if args.profile_ops:  # which PyTorch operators, called from which line, take the kernel time
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as recorder:
+                    run(path, per_call)
+                table = recorder.key_averages(group_by_stack_n=3).table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=40)
+                print(f"== operators of {path}\n{table}", file=sys.stderr)
         result[path] = entry
         print(json.dumps({path: entry}), file=sys.stderr, flush=True)  # partial results survive a time limit
     if args.decode:
@@ -355,9 +394,14 @@ def main() -> None:
         result["projected_decode_seconds"] = round(result["decode_row_seconds"] * args.views, 1)
     if "fast" in result and "plain" in result:
         result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
-    for path in ("fp8", "alternate"):  # the optional speed-ups against the exact fast path of the same run
+    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend")
+    for path in speedups:  # the optional speed-ups against the exact fast path of the same run
         if "fast" in result and path in result:
             result[f"speedup_{path}_vs_fast"] = round(result["fast"]["step_seconds"] / result[path]["step_seconds"], 3)
+    for path in ("plain", "no_shortcut", "channels_last", *fused_models):  # exact (up to rounding): their grid against "fast"
+        if "fast" in outputs and path in outputs:
+            difference = (outputs[path] - outputs["fast"]).abs().max() / outputs["fast"].abs().max()
+            result[path]["max_difference_vs_fast_relative"] = float(f"{difference.item():.3g}")
     if "fast" in result and "no_shortcut" in result:
         result["speedup_shortcut"] = round(result["no_shortcut"]["step_seconds"] / result["fast"]["step_seconds"], 3)
     if "fast" in result:

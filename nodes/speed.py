@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+import logging
+
 from ..kernels.fp8_matmul import FP8_CAPABILITY, gpu_has_fp8_matmuls
+from ..kernels.fused_elementwise import compile_backend, inductor_missing_reason
 from ..integration import host
 from ..integration.patches.fp8_matmuls import with_fp8_matmuls
+from ..integration.patches.fused_elementwise import fused_module_count, with_fused_elementwise
 from ..integration.node_errors import input_error
 
 FP8_NODE = "MV4D FP8 Matmuls"
+FUSE_NODE = "MV4D Fuse Elementwise"
 
 
 class Fp8MatmulsNode(io.ComfyNode):
@@ -40,3 +45,38 @@ class Fp8MatmulsNode(io.ComfyNode):
                               "bypass or delete this node on this machine (Ctrl+B in the graph)")
         return io.NodeOutput(with_fp8_matmuls(model))
 
+
+
+class FuseElementwiseNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MV4D_FuseElementwise",
+            display_name=FUSE_NODE,
+            category="mv4d/speed",
+            description="Optional speed-up, the same result up to bf16 rounding: the model's GEGLU activations and the "
+                        "video UNets' spatial / temporal mix run as one fused GPU kernel each (torch.compile, inductor), "
+                        "instead of several passes over the activations. Measured on an H200 at the Diffusion² paper "
+                        "setting: about 4 % less time per step; a few seconds of compilation in the first run, cached "
+                        "by PyTorch for later runs. Needs Triton (Linux CUDA PyTorch has it). Works on any SD / SVD "
+                        "family UNet and beside core TorchCompileModel. On the CPU the model is left unchanged.",
+            inputs=[io.Model.Input("model", tooltip="A diffusion model (e.g. SVD-XT or SV3D_p from its loader).")],
+            outputs=[io.Model.Output("fused_model", display_name="model",
+                                     tooltip="The same model; its elementwise glue runs as fused kernels while it samples.")],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        device = host.compute_device()
+        reason = inductor_missing_reason(device)
+        if reason:
+            raise input_error(FUSE_NODE, "model", reason,
+                              "install Triton for this PyTorch (on Windows the 'triton-windows' package), or bypass "
+                              "this node (Ctrl+B in the graph)")
+        backend = compile_backend(device)
+        if backend is None:
+            logging.info("%s: fused kernels are compiled for CUDA GPUs only; on %s the model runs unchanged", FUSE_NODE,
+                         host.device_name(device))
+        fused = with_fused_elementwise(model, backend=backend)
+        logging.info("%s: %d modules of the UNet fused", FUSE_NODE, fused_module_count(fused))
+        return io.NodeOutput(fused)
