@@ -164,6 +164,21 @@ def kernel_time_shares(events) -> dict:
     return {"kernel_seconds": round(whole / 1e6, 3), **{kind: round(us / whole, 3) for kind, us in sorted(totals.items(), key=lambda kv: -kv[1])}}
 
 
+def seconds_per_run_and_peak(run, repeats: int, peak: "PeakVram | None") -> tuple[float, float | None]:
+    """Mean seconds of `repeats` calls of run after one warm-up call (model loading, kernel selection, gsplat's
+    first compile), and the peak VRAM of the timed calls (None without a GPU)."""
+    run()
+    if peak:
+        torch.cuda.synchronize()
+        peak.start()
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if peak:
+        torch.cuda.synchronize()
+    return round((time.perf_counter() - begin) / repeats, 4), (peak.gib() if peak else None)
+
+
 class PeakVram:
     """The CUDA allocation peak since start(), although the composed guider resets CUDA's peak statistic when it
     measures a call of a new size: every reset first adds the peak so far."""

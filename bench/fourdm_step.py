@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # python -P leaves this folder off the path
-from composition_step import PeakVram, import_host  # noqa: E402
+from composition_step import PeakVram, import_host, seconds_per_run_and_peak  # noqa: E402
 
 CLIP_TOKENS, CLIP_WIDTH = 257, 1280  # OpenCLIP ViT-H/14's penultimate hidden states
 
@@ -121,18 +121,6 @@ def main() -> None:
     rig = fourdm_rig(args.views, args.size, args.size)
     peak = PeakVram() if cuda else None
 
-    def timed(run, repeats):
-        run()  # warm-up (loads models, compiles gsplat's kernels on a fresh machine)
-        if cuda:
-            torch.cuda.synchronize()
-            peak.start()
-        begin = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        if cuda:
-            torch.cuda.synchronize()
-        return round((time.perf_counter() - begin) / repeats, 4), (peak.gib() if peak else None)
-
     positive, negative, grid = prompts.conditioning(rig)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
@@ -145,7 +133,7 @@ def main() -> None:
             guider.sample(noise.clone(), torch.zeros_like(noise), sampler, torch.tensor([14.6, 7.0]), disable_pbar=True, seed=0)
 
     try:
-        result["sampling_seconds_per_step"], result["sampling_peak_vram_gib"] = timed(sampling_step, args.steps)
+        result["sampling_seconds_per_step"], result["sampling_peak_vram_gib"] = seconds_per_run_and_peak(sampling_step, args.steps, peak)
     except torch.OutOfMemoryError:
         result["sampling_seconds_per_step"] = "out of memory"
 
@@ -164,7 +152,7 @@ def main() -> None:
 
     try:
         with score.loaded(((args.views + 1) * objective.window, 4, latent, latent)):
-            result["sds_seconds_per_iteration"], result["sds_peak_vram_gib"] = timed(sds_iteration, args.steps)
+            result["sds_seconds_per_iteration"], result["sds_peak_vram_gib"] = seconds_per_run_and_peak(sds_iteration, args.steps, peak)
     except torch.OutOfMemoryError:
         result["sds_seconds_per_iteration"] = "out of memory"
     print(json.dumps(result))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # python -P leaves this folder off the path
-from composition_step import PeakVram, emulate_card, import_host  # noqa: E402
+from composition_step import PeakVram, emulate_card, import_host, seconds_per_run_and_peak  # noqa: E402
 
 
 def build(tiny: bool, dtype, device):
@@ -86,18 +86,6 @@ def main() -> None:
     latent = args.size // 8
     peak = PeakVram() if cuda else None
 
-    def timed(run, repeats):
-        run()  # warm-up
-        if cuda:
-            torch.cuda.synchronize()
-            peak.start()
-        begin = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        if cuda:
-            torch.cuda.synchronize()
-        return round((time.perf_counter() - begin) / repeats, 4), (peak.gib() if peak else None)
-
     values = {"camera": cameras, "grid": grid, "source": "bench"}
     positive = with_mv4d_values([[torch.randn(1, 77, context_width, generator=generator), {}]], **values)
     negative = with_mv4d_values([[torch.randn(1, 77, context_width, generator=generator), {}]], **values)
@@ -112,7 +100,7 @@ def main() -> None:
             guider.sample(noise.clone(), torch.zeros_like(noise), sampler, torch.tensor([14.6, 7.0]), disable_pbar=True, seed=0)
 
     try:
-        result["sampling_seconds_per_step"], result["sampling_peak_vram_gib"] = timed(sampling_step, args.steps)
+        result["sampling_seconds_per_step"], result["sampling_peak_vram_gib"] = seconds_per_run_and_peak(sampling_step, args.steps, peak)
     except torch.OutOfMemoryError:
         result["sampling_seconds_per_step"] = "out of memory"
     clip = EncodedClip(torch.randn(grid.cells, 4, latent, latent, generator=generator), cameras,
@@ -126,7 +114,7 @@ def main() -> None:
             train_alignment_adapters(composite, [clip], settings, empty)
 
         try:
-            result[f"{key}_seconds_per_step"], result[f"{key}_peak_vram_gib"] = timed(training_step, args.steps)
+            result[f"{key}_seconds_per_step"], result[f"{key}_peak_vram_gib"] = seconds_per_run_and_peak(training_step, args.steps, peak)
         except torch.OutOfMemoryError:
             result[f"{key}_seconds_per_step"] = "out of memory"
     if holder is not None:
