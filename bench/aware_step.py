@@ -18,7 +18,7 @@ its grid perturbed per image like generated images (x --strength): PSNR against 
 grid before and after one step from scratch and one warm-started step, and on held-out views.
 
     python -P bench/aware_step.py                                   # paper setting, CUDA
-    python -P bench/aware_step.py --consistency                     # consistency gain at the paper setting
+    python -P bench/aware_step.py --consistency                     # PSNR before / after at the paper setting
     OMP_NUM_THREADS=1 python -P bench/aware_step.py --tiny --views 3 --frames 2 --size 64 --fit-iterations 10 --initial-gaussians 300
     OMP_NUM_THREADS=1 python -P bench/aware_step.py --consistency --views 4 --frames 2 --size 32 --fit-iterations 20 --initial-gaussians 300
 

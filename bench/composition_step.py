@@ -10,8 +10,6 @@ parameters each; random weights: compute does not depend on the values), in bf16
   - "fp8": "fast" with both models through MV4D FP8 Matmuls (optional speed-up; changes the result);
   - "alternate": "fast" with alternate_models (optional speed-up: one model per evaluation; changes the result),
     timed over the evaluations after the first (one runs the video model, the next the multi-view model);
-  - "blocks": "fast" with both models through MV4D Compile Blocks (inductor on each block shape; the warm-up
-    step compiles, or loads compiled code from --compile-cache when an earlier process left it there);
 
 Reports seconds per step, UNet FLOPs (torch's flop counter), achieved TFLOP/s, the share of the step outside the
 UNets (CUDA events around every UNet forward), peak VRAM, and the projected image -> 4D time. One JSON line.
@@ -20,8 +18,6 @@ UNets (CUDA events around every UNet forward), peak VRAM, and the projected imag
     python -P bench/composition_step.py --memory-cap-gib 24    # as on a 24 GB card (another process holds the rest)
     python -P bench/composition_step.py --paths fast,fp8,alternate --no-flops   # the optional speed-ups, side by side
     python -P bench/composition_step.py --paths no_shortcut,fast --profile   # the exact saving, and where the time goes
-    python -P bench/composition_step.py --paths fast,blocks --compile-cache DIR   # compiled blocks, a cold compile;
-        # the same command again (a new process, DIR kept) for the warm start
     OMP_NUM_THREADS=1 python -P bench/composition_step.py --tiny --views 3 --frames 4 --size 64   # CPU smoke run
 
 Needs a ComfyUI source tree at $COMFYUI_DIR or ~/ComfyUI (its Python requirements installed).
@@ -256,9 +252,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
-    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>, blocks")
-    parser.add_argument("--compile-cache", default="",
-                        help="blocks path: where MV4D Compile Blocks keeps compiled code (default: a fresh folder, a cold compile)")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
     parser.add_argument("--compile", action="store_true",
@@ -319,16 +313,6 @@ def main() -> None:
 
         fusions = ALL_FUSIONS if path == "fused" else (FUSIONS[path.removeprefix("fused_")],)
         fused_models[path] = tuple(with_fused_elementwise(m, fusions) for m in (video_model, multiview_model))
-    blocks_models = None
-    if "blocks" in args.paths.split(","):
-        import tempfile
-
-        from mv4d.integration.compiled_blocks import use_persistent_caches, with_compiled_blocks
-
-        cache = Path(args.compile_cache or tempfile.mkdtemp(prefix="mv4d_compile_"))
-        result["compile_cache"] = str(use_persistent_caches(cache))
-        result["compile_cache_files_before"] = sum(1 for f in cache.rglob("*") if f.is_file())
-        blocks_models = tuple(with_compiled_blocks(m, persistent_cache=False) for m in (video_model, multiview_model))
     fp8_models = None
     if "fp8" in args.paths.split(","):
         from mv4d.integration.patches.fp8_matmuls import with_fp8_matmuls
@@ -341,7 +325,7 @@ def main() -> None:
 
     def run(path: str, per_call: tuple[int, int]) -> float:
         """One joint evaluation (for "alternate": three, timed over the last two); its seconds."""
-        models = {"fp8": fp8_models, "channels_last": channels_last_models, "blocks": blocks_models, **fused_models}.get(path) or (video_model, multiview_model)
+        models = {"fp8": fp8_models, "channels_last": channels_last_models, **fused_models}.get(path) or (video_model, multiview_model)
         settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1],
                                   alternate_models=path == "alternate",  # otherwise the official defaults
                                   single_token_shortcut=path != "no_shortcut")
@@ -425,37 +409,33 @@ def main() -> None:
         result["projected_decode_seconds"] = round(result["decode_row_seconds"] * args.views, 1)
     if "fast" in result and "plain" in result:
         result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
-    if "compile_cache" in result:
+    if args.compile:
         from torch._dynamo.utils import compilation_time_metrics, counters
 
-        # where compiling spent its time (seconds per phase, summed over graphs) and what the caches served
+        # where compiling spent its time (seconds per phase, summed over graphs) and what PyTorch's caches served
         result["compile_phase_seconds"] = {name: round(sum(values), 1) for name, values in compilation_time_metrics.items()
                                            if sum(values) >= 0.5}
         result["compile_cache_counters"] = {key: value for key, value in counters["inductor"].items() if "cache" in key}
         result["compile_cache_counters"].update({f"aot_{key}": value for key, value in counters["aot_autograd"].items() if "cache" in key})
-        files = [f for f in Path(result["compile_cache"]).parent.rglob("*") if f.is_file()]
-        result["compile_cache_after"] = {"files": len(files), "mib": round(sum(f.stat().st_size for f in files) / 2**20, 1)}
-    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend", "blocks")
+    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend")
     for path in speedups:  # the optional speed-ups against the exact fast path of the same run
         if "fast" in result and path in result:
             result[f"speedup_{path}_vs_fast"] = round(result["fast"]["step_seconds"] / result[path]["step_seconds"], 3)
-    for path in ("plain", "no_shortcut", "channels_last", "blocks", *fused_models):  # exact (up to rounding): their grid against "fast"
+    for path in ("plain", "no_shortcut", "channels_last", *fused_models):  # exact (up to rounding): their grid against "fast"
         if "fast" in outputs and path in outputs:
             difference = (outputs[path] - outputs["fast"]).abs().max() / outputs["fast"].abs().max()
             result[path]["max_difference_vs_fast_relative"] = float(f"{difference.item():.3g}")
     if "fast" in result and "no_shortcut" in result:
         result["speedup_shortcut"] = round(result["no_shortcut"]["step_seconds"] / result["fast"]["step_seconds"], 3)
-    for path in ("fast", "blocks"):  # the exact paths' projected job
-        if path not in result:
-            continue
+    if "fast" in result:
         # 50 steps, the first 10 evaluated twice (rollback): 60 joint evaluations; the reference row and column
         # cost one row / one column per step with CFG (about 2 / (V + F) of a joint step each)
-        step, suffix = result[path]["step_seconds"], "" if path == "fast" else f"_{path}"
+        step = result["fast"]["step_seconds"]
         sampling = 60 * step + 50 * step * 2 / (args.views + args.frames)
-        result[f"projected_sampling_seconds{suffix}"] = round(sampling, 1)
-        result[f"projected_image_to_4d_seconds_without_decode{suffix}"] = round(sampling + FIT_SECONDS_H200, 1)
+        result["projected_sampling_seconds"] = round(sampling, 1)
+        result["projected_image_to_4d_seconds_without_decode"] = round(sampling + FIT_SECONDS_H200, 1)
         if "projected_decode_seconds" in result:
-            result[f"projected_image_to_4d_seconds{suffix}"] = round(
+            result["projected_image_to_4d_seconds"] = round(
                 sampling + FIT_SECONDS_H200 + result["projected_decode_seconds"] * (1 + 2 / args.views), 1)
     if holder:
         holder.kill()

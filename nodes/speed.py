@@ -9,14 +9,12 @@ import logging
 from ..kernels.fp8_matmul import FP8_CAPABILITY, gpu_has_fp8_matmuls
 from ..kernels.fused_elementwise import compile_backend, inductor_missing_reason
 from ..integration import host
-from ..integration.compiled_blocks import CACHE_FOLDER, compiled_block_count, with_compiled_blocks
 from ..integration.patches.fp8_matmuls import with_fp8_matmuls
 from ..integration.patches.fused_elementwise import fused_module_count, with_fused_elementwise
 from ..integration.node_errors import input_error
 
 FP8_NODE = "MV4D FP8 Matmuls"
 FUSE_NODE = "MV4D Fuse Elementwise"
-COMPILE_NODE = "MV4D Compile Blocks"
 
 
 class Fp8MatmulsNode(io.ComfyNode):
@@ -82,47 +80,3 @@ class FuseElementwiseNode(io.ComfyNode):
         fused = with_fused_elementwise(model, backend=backend)
         logging.info("%s: %d modules of the UNet fused", FUSE_NODE, fused_module_count(fused))
         return io.NodeOutput(fused)
-
-
-class CompileBlocksNode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="MV4D_CompileBlocks",
-            display_name=COMPILE_NODE,
-            category="mv4d/speed",
-            description="Optional speed-up, the same result up to floating-point rounding: torch.compile (inductor) of "
-                        "the UNet's blocks (ResBlocks with their temporal layers, transformers, down- and upsamplers) "
-                        "instead of the whole UNet, compiled during the first sampling step. Blocks of one shape share "
-                        "one compiled graph (SVD and SV3D share theirs), every chunk size of MV4D Composed Guider runs "
-                        "the same graphs, and the compiled code is kept in ComfyUI's user folder "
-                        f"({CACHE_FOLDER}), so later runs, also after a restart, load it instead of compiling. Needs "
-                        "Triton on a GPU (Linux CUDA PyTorch has it). One per model, before the guider or sampler; "
-                        "README 'Speed' has the measured first-run and later-run costs. On the CPU the model is left "
-                        "unchanged.",
-            inputs=[
-                io.Model.Input("model", tooltip="A diffusion model (e.g. SVD-XT or SV3D_p from its loader)."),
-                io.Boolean.Input("keep_compiled_code", default=True,
-                                 tooltip="Cache the compiled code on disk under ComfyUI's user folder (unless "
-                                         "TORCHINDUCTOR_CACHE_DIR is set), so later runs start in seconds."),
-            ],
-            outputs=[io.Model.Output("compiled_model", display_name="model",
-                                     tooltip="The same model; its blocks run compiled while it samples.")],
-        )
-
-    @classmethod
-    def execute(cls, model, keep_compiled_code) -> io.NodeOutput:
-        device = host.compute_device()
-        reason = inductor_missing_reason(device)
-        if reason:
-            raise input_error(COMPILE_NODE, "model", reason,
-                              "install Triton for this PyTorch (on Windows the 'triton-windows' package), or bypass "
-                              "this node (Ctrl+B in the graph)")
-        backend = compile_backend(device)
-        if backend is None:
-            logging.info("%s: blocks are compiled for CUDA GPUs only; on %s the model runs unchanged", COMPILE_NODE,
-                         host.device_name(device))
-            return io.NodeOutput(model)
-        compiled = with_compiled_blocks(model, backend=backend, persistent_cache=keep_compiled_code)
-        logging.info("%s: %d blocks of the UNet compile on first use", COMPILE_NODE, compiled_block_count(compiled))
-        return io.NodeOutput(compiled)
