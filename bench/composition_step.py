@@ -252,11 +252,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
-    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>, aot")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both UNets as core TorchCompileModel does (inductor; the first step compiles)")
+    parser.add_argument("--aot-folder", default="aot_programs",
+                        help="path aot (MV4D Compile Ahead of Time on both UNets): the folder its programs are kept in")
+    parser.add_argument("--aot-min-images", type=int, default=64, help="path aot: min_images of the node")
     parser.add_argument("--per-call", default="0,0",
                         help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
     parser.add_argument("--decode", action="store_true",
@@ -318,6 +321,12 @@ def main() -> None:
         from mv4d.integration.patches.fp8_matmuls import with_fp8_matmuls
 
         fp8_models = (with_fp8_matmuls(video_model), with_fp8_matmuls(multiview_model))
+    aot_models = None
+    if "aot" in args.paths.split(","):
+        from mv4d.integration.patches.ahead_of_time import programs_of, with_ahead_of_time_programs
+
+        aot_models = tuple(with_ahead_of_time_programs(m, min_images=args.aot_min_images, max_programs=4, folder=Path(args.aot_folder))
+                           for m in (video_model, multiview_model))
     batch_sizes = BatchSizes()
     peak = PeakVram() if cuda else None
 
@@ -325,7 +334,7 @@ def main() -> None:
 
     def run(path: str, per_call: tuple[int, int]) -> float:
         """One joint evaluation (for "alternate": three, timed over the last two); its seconds."""
-        models = {"fp8": fp8_models, "channels_last": channels_last_models, **fused_models}.get(path) or (video_model, multiview_model)
+        models = {"fp8": fp8_models, "channels_last": channels_last_models, "aot": aot_models, **fused_models}.get(path) or (video_model, multiview_model)
         settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1],
                                   alternate_models=path == "alternate",  # otherwise the official defaults
                                   single_token_shortcut=path != "no_shortcut")
@@ -371,6 +380,8 @@ def main() -> None:
         if timer and path != "alternate":
             entry["unet_seconds"] = round(unet[steps.index(step)], 3)
             entry["outside_unet_share"] = round(1 - unet[steps.index(step)] / step, 4)
+        if path == "aot":  # what the warm-up built or loaded, with seconds
+            entry["aot_events"] = [event for model in aot_models for wrapper in programs_of(model) for event in wrapper.events]
         if cuda:
             entry["peak_vram_gib"] = peak.gib()
             entry["weights_loaded_gib"] = {type(m.model).__name__: [round(m.loaded_size() / 2**30, 2), round(m.model_size() / 2**30, 2)]
@@ -417,11 +428,11 @@ def main() -> None:
                                            if sum(values) >= 0.5}
         result["compile_cache_counters"] = {key: value for key, value in counters["inductor"].items() if "cache" in key}
         result["compile_cache_counters"].update({f"aot_{key}": value for key, value in counters["aot_autograd"].items() if "cache" in key})
-    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend")
+    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend", "aot")
     for path in speedups:  # the optional speed-ups against the exact fast path of the same run
         if "fast" in result and path in result:
             result[f"speedup_{path}_vs_fast"] = round(result["fast"]["step_seconds"] / result[path]["step_seconds"], 3)
-    for path in ("plain", "no_shortcut", "channels_last", *fused_models):  # exact (up to rounding): their grid against "fast"
+    for path in ("plain", "no_shortcut", "channels_last", "aot", *fused_models):  # exact (up to rounding): their grid against "fast"
         if "fast" in outputs and path in outputs:
             difference = (outputs[path] - outputs["fast"]).abs().max() / outputs["fast"].abs().max()
             result[path]["max_difference_vs_fast_relative"] = float(f"{difference.item():.3g}")
