@@ -363,6 +363,10 @@ def main() -> None:
         started = time.perf_counter()
         run(path, per_call)  # warm-up (model loading, allocator, kernel selection, measuring chunk memory, compiling)
         warm_up = time.perf_counter() - started
+        if path == "aot":  # before the timed steps, so a time limit still leaves it
+            print(json.dumps({"aot_warm_up_seconds": round(warm_up, 1), "aot_events": [
+                event for model in aot_models for wrapper in programs_of(model) for event in wrapper.events]}),
+                file=sys.stderr, flush=True)
         if timer:
             timer.take_seconds()
         batch_sizes.take()
@@ -420,7 +424,7 @@ def main() -> None:
         result["projected_decode_seconds"] = round(result["decode_row_seconds"] * args.views, 1)
     if "fast" in result and "plain" in result:
         result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
-    if args.compile:
+    if args.compile or aot_models:
         from torch._dynamo.utils import compilation_time_metrics, counters
 
         # where compiling spent its time (seconds per phase, summed over graphs) and what PyTorch's caches served
