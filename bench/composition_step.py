@@ -364,8 +364,11 @@ def main() -> None:
         run(path, per_call)  # warm-up (model loading, allocator, kernel selection, measuring chunk memory, compiling)
         warm_up = time.perf_counter() - started
         if path == "aot":  # before the timed steps, so a time limit still leaves it
+            from torch._dynamo.utils import compilation_time_metrics
+
             print(json.dumps({"aot_warm_up_seconds": round(warm_up, 1), "aot_events": [
-                event for model in aot_models for wrapper in programs_of(model) for event in wrapper.events]}),
+                event for model in aot_models for wrapper in programs_of(model) for event in wrapper.events],
+                "phases": {name: round(sum(values), 1) for name, values in compilation_time_metrics.items() if sum(values) >= 0.5}}),
                 file=sys.stderr, flush=True)
         if timer:
             timer.take_seconds()

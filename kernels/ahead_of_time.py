@@ -24,6 +24,9 @@ from typing import Callable, Sequence
 import torch
 
 PROGRAM_FORMAT = 1  # part of every key: bump when what is exported changes, so old packages are not loaded
+# The C++ wrapper only launches kernels (the GPU work is in them), so compile it unoptimised and without debug line
+# tables: for a whole UNet it is a very large file, and optimising it is most of a build's time.
+WRAPPER_BUILD = {"aot_inductor.compile_wrapper_opt_level": "O0", "aot_inductor.enable_line_tables": False}
 SIMPLE_ATTRIBUTES = (bool, int, float, str, type(None))
 
 
@@ -133,12 +136,18 @@ def build_program(module: torch.nn.Module, forward_of_module: Callable[..., torc
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
     try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs=known_configs(WRAPPER_BUILD))
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     times.compile_seconds = time.perf_counter() - started
     return times
+
+
+def known_configs(configs: dict) -> dict:
+    """The inductor settings this PyTorch has (older versions lack some; an unknown one would be an error)."""
+    known = torch._inductor.config.get_config_copy()
+    return {key: value for key, value in configs.items() if key in known}
 
 
 @dataclass
