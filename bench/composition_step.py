@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -323,6 +324,7 @@ def main() -> None:
         fp8_models = (with_fp8_matmuls(video_model), with_fp8_matmuls(multiview_model))
     aot_models = None
     if "aot" in args.paths.split(","):
+        logging.getLogger().setLevel(logging.INFO)  # the builds and loads, as they happen
         from mv4d.integration.patches.ahead_of_time import programs_of, with_ahead_of_time_programs
 
         aot_models = tuple(with_ahead_of_time_programs(m, min_images=args.aot_min_images, max_programs=4, folder=Path(args.aot_folder))
