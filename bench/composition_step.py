@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -253,14 +252,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
-    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>, aot")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both UNets as core TorchCompileModel does (inductor; the first step compiles)")
-    parser.add_argument("--aot-folder", default="aot_programs",
-                        help="path aot (MV4D Compile Ahead of Time on both UNets): the folder its programs are kept in")
-    parser.add_argument("--aot-min-images", type=int, default=64, help="path aot: min_images of the node")
     parser.add_argument("--per-call", default="0,0",
                         help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
     parser.add_argument("--decode", action="store_true",
@@ -322,13 +318,6 @@ def main() -> None:
         from mv4d.integration.patches.fp8_matmuls import with_fp8_matmuls
 
         fp8_models = (with_fp8_matmuls(video_model), with_fp8_matmuls(multiview_model))
-    aot_models = None
-    if "aot" in args.paths.split(","):
-        logging.getLogger().setLevel(logging.INFO)  # the builds and loads, as they happen
-        from mv4d.integration.patches.ahead_of_time import programs_of, with_ahead_of_time_programs
-
-        aot_models = tuple(with_ahead_of_time_programs(m, min_images=args.aot_min_images, max_programs=4, folder=Path(args.aot_folder))
-                           for m in (video_model, multiview_model))
     batch_sizes = BatchSizes()
     peak = PeakVram() if cuda else None
 
@@ -336,7 +325,7 @@ def main() -> None:
 
     def run(path: str, per_call: tuple[int, int]) -> float:
         """One joint evaluation (for "alternate": three, timed over the last two); its seconds."""
-        models = {"fp8": fp8_models, "channels_last": channels_last_models, "aot": aot_models, **fused_models}.get(path) or (video_model, multiview_model)
+        models = {"fp8": fp8_models, "channels_last": channels_last_models, **fused_models}.get(path) or (video_model, multiview_model)
         settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1],
                                   alternate_models=path == "alternate",  # otherwise the official defaults
                                   single_token_shortcut=path != "no_shortcut")
@@ -365,13 +354,6 @@ def main() -> None:
         started = time.perf_counter()
         run(path, per_call)  # warm-up (model loading, allocator, kernel selection, measuring chunk memory, compiling)
         warm_up = time.perf_counter() - started
-        if path == "aot":  # before the timed steps, so a time limit still leaves it
-            from torch._dynamo.utils import compilation_time_metrics
-
-            print(json.dumps({"aot_warm_up_seconds": round(warm_up, 1), "aot_events": [
-                event for model in aot_models for wrapper in programs_of(model) for event in wrapper.events],
-                "phases": {name: round(sum(values), 1) for name, values in compilation_time_metrics.items() if sum(values) >= 0.5}}),
-                file=sys.stderr, flush=True)
         if timer:
             timer.take_seconds()
         batch_sizes.take()
@@ -389,8 +371,6 @@ def main() -> None:
         if timer and path != "alternate":
             entry["unet_seconds"] = round(unet[steps.index(step)], 3)
             entry["outside_unet_share"] = round(1 - unet[steps.index(step)] / step, 4)
-        if path == "aot":  # what the warm-up built or loaded, with seconds
-            entry["aot_events"] = [event for model in aot_models for wrapper in programs_of(model) for event in wrapper.events]
         if cuda:
             entry["peak_vram_gib"] = peak.gib()
             entry["weights_loaded_gib"] = {type(m.model).__name__: [round(m.loaded_size() / 2**30, 2), round(m.model_size() / 2**30, 2)]
@@ -429,7 +409,7 @@ def main() -> None:
         result["projected_decode_seconds"] = round(result["decode_row_seconds"] * args.views, 1)
     if "fast" in result and "plain" in result:
         result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
-    if args.compile or aot_models:
+    if args.compile:
         from torch._dynamo.utils import compilation_time_metrics, counters
 
         # where compiling spent its time (seconds per phase, summed over graphs) and what PyTorch's caches served
@@ -437,11 +417,11 @@ def main() -> None:
                                            if sum(values) >= 0.5}
         result["compile_cache_counters"] = {key: value for key, value in counters["inductor"].items() if "cache" in key}
         result["compile_cache_counters"].update({f"aot_{key}": value for key, value in counters["aot_autograd"].items() if "cache" in key})
-    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend", "aot")
+    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend")
     for path in speedups:  # the optional speed-ups against the exact fast path of the same run
         if "fast" in result and path in result:
             result[f"speedup_{path}_vs_fast"] = round(result["fast"]["step_seconds"] / result[path]["step_seconds"], 3)
-    for path in ("plain", "no_shortcut", "channels_last", "aot", *fused_models):  # exact (up to rounding): their grid against "fast"
+    for path in ("plain", "no_shortcut", "channels_last", *fused_models):  # exact (up to rounding): their grid against "fast"
         if "fast" in outputs and path in outputs:
             difference = (outputs[path] - outputs["fast"]).abs().max() / outputs["fast"].abs().max()
             result[path]["max_difference_vs_fast_relative"] = float(f"{difference.item():.3g}")

@@ -9,7 +9,6 @@ import logging
 from ..kernels.fp8_matmul import FP8_CAPABILITY, gpu_has_fp8_matmuls
 from ..kernels.fused_elementwise import compile_backend, inductor_missing_reason
 from ..integration import host
-from ..integration.patches.ahead_of_time import NODE as AOT_NODE, program_folder, with_ahead_of_time_programs
 from ..integration.patches.fp8_matmuls import with_fp8_matmuls
 from ..integration.patches.fused_elementwise import fused_module_count, with_fused_elementwise
 from ..integration.node_errors import input_error
@@ -81,37 +80,3 @@ class FuseElementwiseNode(io.ComfyNode):
         fused = with_fused_elementwise(model, backend=backend)
         logging.info("%s: %d modules of the UNet fused", FUSE_NODE, fused_module_count(fused))
         return io.NodeOutput(fused)
-
-
-class CompileAheadOfTimeNode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="MV4D_CompileAheadOfTime",
-            display_name=AOT_NODE,
-            category="mv4d/speed",
-            description="Optional speed-up, the same result up to rounding: each UNet call shape runs as one "
-                        "ahead-of-time compiled program (torch.export + AOTInductor). The first call of a shape builds "
-                        "it (minutes at the paper setting) and keeps it under ComfyUI's user folder "
-                        "(user/mv4d/compiled_unets); later runs, also after a restart, load it in seconds. Weights "
-                        "are not in the program, so any checkpoint of the same architecture reuses it. Calls with "
-                        "attention patches, ControlNets, other model wrappers or low-VRAM loading run uncompiled. "
-                        "Fix the guider's videos_per_call / multiview_sets_per_call so shapes stay few. Needs a C++ "
-                        "compiler (and the CUDA toolkit on a GPU). Use instead of TorchCompileModel, one per model.",
-            inputs=[
-                io.Model.Input("model", tooltip="A diffusion model (e.g. SVD-XT or SV3D_p from its loader)."),
-                io.Int.Input("min_images", default=64, min=1, max=100000,
-                             tooltip="Calls with fewer images (batch items) run uncompiled: small calls, such as a "
-                                     "reference row, cost little and would each cost a build."),
-                io.Int.Input("max_programs", default=4, min=1, max=64,
-                             tooltip="At most this many call shapes get programs per model and run; calls of "
-                                     "further shapes run uncompiled."),
-            ],
-            outputs=[io.Model.Output("compiled_model", display_name="model",
-                                     tooltip="The same model; its UNet calls run as compiled programs while it samples.")],
-        )
-
-    @classmethod
-    def execute(cls, model, min_images, max_programs) -> io.NodeOutput:
-        logging.info("%s: programs are kept in %s", AOT_NODE, program_folder())
-        return io.NodeOutput(with_ahead_of_time_programs(model, min_images=min_images, max_programs=max_programs))
