@@ -9,36 +9,36 @@ import torch
 from test_gpu_composition import guider_module, tiny_grid_setup  # noqa: F401
 
 
-def test_the_shortcut_gives_the_same_grid_in_bf16(guider_module):  # noqa: F811
+def composed_grid(guiders, models, conditioning, noise, sigmas, settings):
     import comfy.samplers
 
+    guider = guiders.ComposedGuider(*models, conditioning, settings)
+    with torch.inference_mode():
+        return guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas,
+                             disable_pbar=True, seed=0).float()
+
+
+def assert_same_within_bf16(reference, grid, what: str) -> None:
+    scale, difference = reference.abs().max().item(), (grid - reference).abs().max().item()
+    print(f"{what}, bf16: max |difference| {difference:.3e}, values up to {scale:.2f}")
+    assert torch.isfinite(grid).all() and difference < 2e-2 * scale
+
+
+def test_the_shortcut_gives_the_same_grid_in_bf16(guider_module):  # noqa: F811
     video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
-    grids = []
-    for shortcut in (False, True):
-        guider = guider_module.ComposedGuider(video, multiview, conditioning, guider_module.GuiderSettings(single_token_shortcut=shortcut))
-        with torch.inference_mode():
-            grids.append(guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas,
-                                       disable_pbar=True, seed=0).float())
-    scale, difference = grids[0].abs().max().item(), (grids[1] - grids[0]).abs().max().item()
-    print(f"shortcut vs without, bf16: max |difference| {difference:.3e}, values up to {scale:.2f}")
-    assert torch.isfinite(grids[1]).all() and difference < 2e-2 * scale
+    without, shortcut = (composed_grid(guider_module, (video, multiview), conditioning, noise, sigmas,
+                                       guider_module.GuiderSettings(single_token_shortcut=taken)) for taken in (False, True))
+    assert_same_within_bf16(without, shortcut, "shortcut vs without")
 
 
 def test_fused_elementwise_gives_the_same_grid_in_bf16(guider_module):  # noqa: F811
     """MV4D Fuse Elementwise's inductor kernels on the GPU: the composed grid equals the eager one within bf16
     tolerance (the kernels compute in float32 inside and round once)."""
-    import comfy.samplers
     from mv4d.integration.patches.fused_elementwise import fused_module_count, with_fused_elementwise
 
     video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
     fused = (with_fused_elementwise(video), with_fused_elementwise(multiview))
     assert all(fused_module_count(model) > 0 for model in fused)
-    grids = []
-    for models in ((video, multiview), fused):
-        guider = guider_module.ComposedGuider(*models, conditioning, guider_module.GuiderSettings())
-        with torch.inference_mode():
-            grids.append(guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas,
-                                       disable_pbar=True, seed=0).float())
-    scale, difference = grids[0].abs().max().item(), (grids[1] - grids[0]).abs().max().item()
-    print(f"fused elementwise vs eager, bf16: max |difference| {difference:.3e}, values up to {scale:.2f}")
-    assert torch.isfinite(grids[1]).all() and difference < 2e-2 * scale
+    eager, compiled = (composed_grid(guider_module, models, conditioning, noise, sigmas, guider_module.GuiderSettings())
+                       for models in ((video, multiview), fused))
+    assert_same_within_bf16(eager, compiled, "fused elementwise vs eager")
