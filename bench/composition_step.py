@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -245,6 +246,12 @@ def time_row_decode(frames: int, latent: int, cuda: bool) -> float:
     return time.perf_counter() - started
 
 
+def keep_events(models) -> list[dict]:
+    from mv4d.integration.patches.precompiled_unet import compiled_unets_of
+
+    return [event for model in models for wrapper in compiled_unets_of(model) for event in wrapper.events]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--views", type=int, default=21)
@@ -252,11 +259,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
-    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>, keep")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both UNets as core TorchCompileModel does (inductor; the first step compiles)")
+    parser.add_argument("--keep-folder", default="compiled_unets",
+                        help="path keep (MV4D Compile and Keep on both UNets): the folder its compiled calls are kept in")
+    parser.add_argument("--keep-min-images", type=int, default=64, help="path keep: min_images of the node")
     parser.add_argument("--per-call", default="0,0",
                         help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
     parser.add_argument("--decode", action="store_true",
@@ -318,6 +328,13 @@ def main() -> None:
         from mv4d.integration.patches.fp8_matmuls import with_fp8_matmuls
 
         fp8_models = (with_fp8_matmuls(video_model), with_fp8_matmuls(multiview_model))
+    keep_models = None
+    if "keep" in args.paths.split(","):
+        logging.getLogger().setLevel(logging.INFO)  # the compiles and loads, as they happen
+        from mv4d.integration.patches.precompiled_unet import with_compile_and_keep
+
+        keep_models = tuple(with_compile_and_keep(m, min_images=args.keep_min_images, max_shapes=4, folder=Path(args.keep_folder))
+                            for m in (video_model, multiview_model))
     batch_sizes = BatchSizes()
     peak = PeakVram() if cuda else None
 
@@ -325,7 +342,7 @@ def main() -> None:
 
     def run(path: str, per_call: tuple[int, int]) -> float:
         """One joint evaluation (for "alternate": three, timed over the last two); its seconds."""
-        models = {"fp8": fp8_models, "channels_last": channels_last_models, **fused_models}.get(path) or (video_model, multiview_model)
+        models = {"fp8": fp8_models, "channels_last": channels_last_models, "keep": keep_models, **fused_models}.get(path) or (video_model, multiview_model)
         settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1],
                                   alternate_models=path == "alternate",  # otherwise the official defaults
                                   single_token_shortcut=path != "no_shortcut")
@@ -354,6 +371,12 @@ def main() -> None:
         started = time.perf_counter()
         run(path, per_call)  # warm-up (model loading, allocator, kernel selection, measuring chunk memory, compiling)
         warm_up = time.perf_counter() - started
+        if path == "keep":  # before the timed steps, so a time limit still leaves it
+            from torch._dynamo.utils import compilation_time_metrics
+
+            print(json.dumps({"keep_warm_up_seconds": round(warm_up, 1), "keep_events": keep_events(keep_models),
+                              "phases": {name: round(sum(values), 1) for name, values in compilation_time_metrics.items()
+                                         if sum(values) >= 0.5}}), file=sys.stderr, flush=True)
         if timer:
             timer.take_seconds()
         batch_sizes.take()
@@ -371,6 +394,8 @@ def main() -> None:
         if timer and path != "alternate":
             entry["unet_seconds"] = round(unet[steps.index(step)], 3)
             entry["outside_unet_share"] = round(1 - unet[steps.index(step)] / step, 4)
+        if path == "keep":  # what the warm-up compiled or loaded, with seconds
+            entry["keep_events"] = keep_events(keep_models)
         if cuda:
             entry["peak_vram_gib"] = peak.gib()
             entry["weights_loaded_gib"] = {type(m.model).__name__: [round(m.loaded_size() / 2**30, 2), round(m.model_size() / 2**30, 2)]
@@ -409,7 +434,7 @@ def main() -> None:
         result["projected_decode_seconds"] = round(result["decode_row_seconds"] * args.views, 1)
     if "fast" in result and "plain" in result:
         result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
-    if args.compile:
+    if args.compile or keep_models:
         from torch._dynamo.utils import compilation_time_metrics, counters
 
         # where compiling spent its time (seconds per phase, summed over graphs) and what PyTorch's caches served
@@ -417,11 +442,11 @@ def main() -> None:
                                            if sum(values) >= 0.5}
         result["compile_cache_counters"] = {key: value for key, value in counters["inductor"].items() if "cache" in key}
         result["compile_cache_counters"].update({f"aot_{key}": value for key, value in counters["aot_autograd"].items() if "cache" in key})
-    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend")
+    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend", "keep")
     for path in speedups:  # the optional speed-ups against the exact fast path of the same run
         if "fast" in result and path in result:
             result[f"speedup_{path}_vs_fast"] = round(result["fast"]["step_seconds"] / result[path]["step_seconds"], 3)
-    for path in ("plain", "no_shortcut", "channels_last", *fused_models):  # exact (up to rounding): their grid against "fast"
+    for path in ("plain", "no_shortcut", "channels_last", "keep", *fused_models):  # exact (up to rounding): their grid against "fast"
         if "fast" in outputs and path in outputs:
             difference = (outputs[path] - outputs["fast"]).abs().max() / outputs["fast"].abs().max()
             result[path]["max_difference_vs_fast_relative"] = float(f"{difference.item():.3g}")

@@ -16,7 +16,7 @@ from .motion import ApplyCameraControl, ApplyMotionModule, LoadCameraCtrl, LoadM
 from .multiview import ImageDreamConditioning, LoadMultiviewModel, MultiviewConditioning
 from .multiview_video import ExampleScene, ImagesToMultiviewVideo, MultiviewVideoToImages
 from .preview_4d import Preview4D
-from .speed import FuseElementwiseNode, Fp8MatmulsNode
+from .speed import CompileAndKeepNode, FuseElementwiseNode, Fp8MatmulsNode
 from .splats import Fit4DGaussians, Load4D, Render4D, Save4D
 
 NODES: list[type[io.ComfyNode]] = [
@@ -26,7 +26,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMotionModule, ApplyMotionModule, LoadCameraCtrl, ApplyCameraControl, LoadCVDModule, ApplyCVD,
     LoadAlignmentAdapters, ApplyAlignmentAdapters, TrainAlignmentAdapters, MakeDemoTrainingSet,
     Load4DM, FourDMConditioning, Refine4DWithSDS,
-    SV3DConditioning, GridConditioningNode, PromptGridConditioningNode, ReferenceRowLatent, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode, FuseElementwiseNode,
+    SV3DConditioning, GridConditioningNode, PromptGridConditioningNode, ReferenceRowLatent, ComposedGuiderNode, RollbackEuler, DecodeGrid, Fp8MatmulsNode, FuseElementwiseNode, CompileAndKeepNode,
     AwareDenoising, AwareReconstruction,
     Fit4DGaussians, Render4D, Save4D, Load4D, Preview4D,
 ]

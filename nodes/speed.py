@@ -8,9 +8,11 @@ import logging
 
 from ..kernels.fp8_matmul import FP8_CAPABILITY, gpu_has_fp8_matmuls
 from ..kernels.fused_elementwise import compile_backend, inductor_missing_reason
+from ..kernels.precompile import precompile_missing_reason
 from ..integration import host
 from ..integration.patches.fp8_matmuls import with_fp8_matmuls
 from ..integration.patches.fused_elementwise import fused_module_count, with_fused_elementwise
+from ..integration.patches.precompiled_unet import NODE as KEEP_NODE, compiled_folder, with_compile_and_keep
 from ..integration.node_errors import input_error
 
 FP8_NODE = "MV4D FP8 Matmuls"
@@ -80,3 +82,43 @@ class FuseElementwiseNode(io.ComfyNode):
         fused = with_fused_elementwise(model, backend=backend)
         logging.info("%s: %d modules of the UNet fused", FUSE_NODE, fused_module_count(fused))
         return io.NodeOutput(fused)
+
+
+class CompileAndKeepNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MV4D_CompileAndKeep",
+            display_name=KEEP_NODE,
+            category="mv4d/speed",
+            description="Optional speed-up, the same result up to rounding: each UNet call shape is compiled once by "
+                        "torch.compile (inductor, whole UNet) and the compiled function is kept whole under ComfyUI's "
+                        "user folder (user/mv4d/compiled_unets). The first run of a shape compiles (minutes at the "
+                        "Diffusion² paper setting); later runs, also after a restart, load it in seconds without "
+                        "tracing again. Weights are not in the file, so any checkpoint of the same architecture reuses "
+                        "it. Calls with attention patches, ControlNets, other model wrappers or low-VRAM loading run "
+                        "uncompiled. Fix the guider's videos_per_call / multiview_sets_per_call so shapes stay few. "
+                        "Use instead of TorchCompileModel, one per model.",
+            inputs=[
+                io.Model.Input("model", tooltip="A diffusion model (e.g. SVD-XT or SV3D_p from its loader)."),
+                io.Int.Input("min_images", default=64, min=1, max=100000,
+                             tooltip="Calls with fewer images (batch items) run uncompiled: small calls, such as a "
+                                     "reference row, cost little and would each cost a compile."),
+                io.Int.Input("max_shapes", default=4, min=1, max=64,
+                             tooltip="At most this many call shapes are compiled per model and run; calls of further "
+                                     "shapes run uncompiled."),
+            ],
+            outputs=[io.Model.Output("compiled_model", display_name="model",
+                                     tooltip="The same model; its UNet calls run compiled while it samples.")],
+        )
+
+    @classmethod
+    def execute(cls, model, min_images, max_shapes) -> io.NodeOutput:
+        reason = precompile_missing_reason() or inductor_missing_reason(host.compute_device())
+        if reason:
+            raise input_error(KEEP_NODE, "model", reason,
+                              "install PyTorch 2.10 or newer with Triton (Linux CUDA wheels have it), or bypass this "
+                              "node (Ctrl+B in the graph)")
+        logging.info("%s: compiled UNets are kept in %s", KEEP_NODE, compiled_folder())
+        return io.NodeOutput(with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes))
+

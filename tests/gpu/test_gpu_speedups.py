@@ -1,6 +1,6 @@
-"""Exact savings and fused kernels on a CUDA GPU in bf16, through the composed guider: the single-token
-cross-attention shortcut (on by default) and MV4D Fuse Elementwise each give the grid of the path without them within
-bf16 tolerance."""
+"""Exact savings, fused kernels and kept compiled UNets on a CUDA GPU in bf16, through the composed guider: the
+single-token cross-attention shortcut (on by default), MV4D Fuse Elementwise and MV4D Compile and Keep each give the
+grid of the path without them within bf16 tolerance."""
 
 from __future__ import annotations
 
@@ -42,3 +42,20 @@ def test_fused_elementwise_gives_the_same_grid_in_bf16(guider_module):  # noqa: 
     eager, compiled = (composed_grid(guider_module, models, conditioning, noise, sigmas, guider_module.GuiderSettings())
                        for models in ((video, multiview), fused))
     assert_same_within_bf16(eager, compiled, "fused elementwise vs eager")
+
+
+def test_compile_and_keep_gives_the_same_grid_in_bf16_and_loads_from_disk(guider_module, tmp_path):  # noqa: F811
+    """MV4D Compile and Keep on the GPU: both UNets compiled (CUDA kernels), the composed grid equal to eager within
+    bf16 tolerance; a second pair of wrappers over the same folder loads the files and compiles nothing."""
+    from mv4d.integration.patches.precompiled_unet import compiled_unets_of, with_compile_and_keep
+
+    video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
+    grids, runs = [], []
+    for wrap in (lambda m: m, *[lambda m: with_compile_and_keep(m, min_images=1, max_shapes=4, folder=tmp_path)] * 2):
+        models = (wrap(video), wrap(multiview))
+        grids.append(composed_grid(guider_module, models, conditioning, noise, sigmas, guider_module.GuiderSettings()))
+        runs.append([event for model in models for wrapper in compiled_unets_of(model) for event in wrapper.events])
+    print(f"compile and keep: first run {runs[1]}, second {runs[2]}")
+    assert_same_within_bf16(grids[0], grids[1], "compile and keep vs eager")
+    assert any("compiled" in event for event in runs[1]) and runs[2] and not any("compiled" in event for event in runs[2])
+    assert torch.equal(grids[2], grids[1])  # the loaded code is the compiled code

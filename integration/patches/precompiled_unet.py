@@ -1,0 +1,253 @@
+"""The patch behind MV4D Compile and Keep: a DIFFUSION_MODEL wrapper that runs each UNet call shape as one compiled
+function (kernels/precompile.py), compiled the first time the shape is met and kept under ComfyUI's user folder, so
+later processes, also after a restart, load it in seconds instead of compiling or tracing again.
+
+What the trace sees is frozen into the compiled code: ComfyUI's Python around the UNet (attention patches, other
+wrappers, ControlNet, weights cast or patched at call time) would stop reacting to the step. So each call first goes
+through rules (policy objects, one question each); a call any rule refuses runs the UNet as before, and the refusal
+is logged once. Object patches that swap modules (our single-token shortcut, MV4D Fuse Elementwise) are part of the
+module tree, so they are in the compiled code and in its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+import folder_paths
+import torch
+
+from ...kernels.precompile import CompiledCall, CompiledStore, CompileKey, build
+from ..multi_gpu import keep_clones_matched
+
+WRAPPER_KEY = "mv4d.compile_and_keep"
+NODE = "MV4D Compile and Keep"
+STATIC_TYPES = (bool, int, float, str, type(None))
+UNET_TENSORS = ("x", "timesteps", "context", "y")
+
+
+def unet_forward(module, x, timesteps, context, y, tensor_kwargs, static_kwargs):
+    """What is compiled: the UNet's own forward, below ComfyUI's wrapper machinery, with fresh transformer_options
+    (the rules have made sure nothing in them matters) and no ControlNet. Module level, so the saved code can
+    refer to it; its first parameter is the module (kernels/precompile.py leaves guards rooted there out)."""
+    forward = getattr(module, "_forward", module.forward)  # _forward: the UNet without the DIFFUSION_MODEL wrappers
+    return forward(x, timesteps, context, y, None, {}, **static_kwargs, **tensor_kwargs)
+
+
+def is_static(value) -> bool:
+    """Whether a keyword argument is plain data the compiled code may freeze (it is part of the key): numbers,
+    strings, and lists, dicts and dataclasses of them."""
+    if isinstance(value, STATIC_TYPES):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_static(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and is_static(item) for key, item in value.items())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return is_static(dataclasses.asdict(value))
+    return False
+
+
+def compiled_folder() -> Path:
+    """Where compiled calls live: ComfyUI's user folder, which survives restarts and updates (not the temp folder,
+    which ComfyUI empties at start)."""
+    return Path(folder_paths.get_user_directory()) / "mv4d" / "compiled_unets"
+
+
+@dataclass
+class UNetCall:
+    """One call of the UNet's forward as a DIFFUSION_MODEL wrapper receives it."""
+
+    diffusion_model: torch.nn.Module
+    x: torch.Tensor
+    timesteps: torch.Tensor
+    context: torch.Tensor | None
+    y: torch.Tensor | None
+    control: object
+    transformer_options: dict
+    kwargs: dict
+
+    def tensor_kwargs(self) -> dict:
+        return {name: value for name, value in sorted(self.kwargs.items()) if isinstance(value, torch.Tensor)}
+
+    def static_kwargs(self) -> dict:
+        return {name: value for name, value in sorted(self.kwargs.items()) if not isinstance(value, torch.Tensor)}
+
+    def arguments(self) -> tuple:
+        """unet_forward's arguments after the module."""
+        return self.x, self.timesteps, self.context, self.y, self.tensor_kwargs(), self.static_kwargs()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        given = {name: getattr(self, name) for name in UNET_TENSORS if getattr(self, name) is not None}
+        return {**given, **self.tensor_kwargs()}
+
+
+class CallRule:
+    """One reason a call must not run compiled; `refusal` returns it in words, or None."""
+
+    def refusal(self, call: UNetCall) -> str | None:
+        raise NotImplementedError
+
+
+class GradientsOff(CallRule):
+    def refusal(self, call):
+        return "gradients are on (training through the UNet)" if torch.is_grad_enabled() else None
+
+
+class NoControl(CallRule):
+    def refusal(self, call):
+        return "a ControlNet / T2I adapter feeds the call" if call.control is not None else None
+
+
+class NoOptionPatches(CallRule):
+    """Patches and overrides in transformer_options are Python the compiled code would freeze."""
+
+    KEYS = ("patches", "patches_replace", "optimized_attention_override")
+
+    def refusal(self, call):
+        present = [key for key in self.KEYS if call.transformer_options.get(key)]
+        return f"the model has {', '.join(present)} (attention or block patches)" if present else None
+
+
+class NoOtherWrappers(CallRule):
+    """Another DIFFUSION_MODEL wrapper may depend on the step (cameras, masks, the grid): it must run each call."""
+
+    def refusal(self, call):
+        wrappers = call.transformer_options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+        others = [key for key, functions in wrappers.items() if key != WRAPPER_KEY and functions]
+        return f"other model wrappers are attached ({', '.join(others)})" if others else None
+
+
+class SimpleArguments(CallRule):
+    def refusal(self, call):
+        odd = [name for name, value in call.kwargs.items() if not isinstance(value, torch.Tensor) and not is_static(value)]
+        return f"keyword arguments of other kinds ({', '.join(odd)})" if odd else None
+
+
+class WeightsResident(CallRule):
+    """Low-VRAM loading streams weights from the CPU layer by layer, and LoRA on such models is applied at call time
+    (weight functions); the compiled code needs every weight on the device, as it is."""
+
+    def refusal(self, call):
+        device = call.x.device
+        if call.transformer_options.get("prefetch_dynamic_vbars"):
+            return "the model streams its weights (dynamic VRAM)"
+        if any(tensor.device != device for tensor in call.diffusion_model.parameters()):
+            return "the model's weights are not all on the compute device (low-VRAM loading)"
+        if any(getattr(module, "weight_function", None) or getattr(module, "bias_function", None)
+               for module in call.diffusion_model.modules()):
+            return "weights are patched at call time (low-VRAM LoRA)"
+        return None
+
+
+@dataclass
+class LargeEnough(CallRule):
+    """Small calls (reference stages, previews) cost little eagerly and would each cost a compile."""
+
+    min_images: int
+
+    def refusal(self, call):
+        count = call.x.shape[0]
+        return f"small calls ({count} images, fewer than min_images {self.min_images})" if count < self.min_images else None
+
+
+def default_rules(min_images: int) -> tuple[CallRule, ...]:
+    return (GradientsOff(), NoControl(), NoOptionPatches(), NoOtherWrappers(), SimpleArguments(), WeightsResident(),
+            LargeEnough(min_images))
+
+
+class CompiledUNet:
+    """The DIFFUSION_MODEL wrapper: a compiled call per call signature, from memory, from disk, or compiled now."""
+
+    def __init__(self, store: CompiledStore, rules: tuple[CallRule, ...], max_shapes: int):
+        self.store, self.rules, self.max_shapes = store, rules, max_shapes
+        self.calls: dict[str, CompiledCall] = {}  # key digest -> loaded compiled call
+        self.refused: dict[str, str] = {}  # key digest -> why it runs eagerly (a compile that failed)
+        self.logged: set[str] = set()
+        self.events: list[dict] = []  # what was compiled and loaded, with seconds (for the log and the benchmarks)
+        self.lock = threading.Lock()  # multi-GPU runs call one wrapper from one thread per device
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        call = UNetCall(executor.class_obj, x, timesteps, context, y, control, transformer_options, kwargs)
+        compiled = self.compiled_for(call)
+        if compiled is None:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        return compiled(call.diffusion_model, *call.arguments())
+
+    def compiled_for(self, call: UNetCall) -> CompiledCall | None:
+        reason = next((reason for rule in self.rules if (reason := rule.refusal(call))), None)
+        if reason:
+            self.log_once(reason, "%s: %s: these calls run uncompiled", NODE, reason)
+            return None
+        key = self.key(call)
+        with self.lock:
+            compiled = self.calls.get(key.digest) or self.load_or_compile(call, key)
+        if compiled is None or not compiled.accepts(call.diffusion_model, *call.arguments()):
+            if compiled is not None:
+                self.log_once(f"guards {key.digest}", "%s: the compiled code for shape %s does not accept this call "
+                              "(its tensors' layout differs); it runs uncompiled", NODE, list(call.x.shape))
+            return None
+        return compiled
+
+    def load_or_compile(self, call: UNetCall, key: CompileKey) -> CompiledCall | None:
+        if key.digest in self.refused:
+            return None
+        if len(self.calls) >= self.max_shapes:
+            self.log_once("max", "%s: %d call shapes already compiled (max_shapes): a new shape (%s) runs uncompiled; "
+                          "fix videos_per_call / multiview_sets_per_call of the guider to keep shapes few", NODE,
+                          self.max_shapes, list(call.x.shape))
+            return None
+        path = self.store.path(key)
+        if not path.exists():
+            try:
+                self.compile(call, path)
+            except Exception as error:  # a graph break, an unsavable value, a compiler failure: eager, the run goes on
+                self.refused[key.digest] = str(error)
+                logging.warning("%s: could not compile calls of shape %s (%s: %s); they run uncompiled", NODE,
+                                list(call.x.shape), type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                return None
+        started = time.perf_counter()
+        compiled = CompiledCall.load(path)
+        seconds = time.perf_counter() - started
+        self.events.append({"loaded": path.name, "shape": list(call.x.shape), "seconds": round(seconds, 2)})
+        logging.info("%s: loaded %s in %.1f s", NODE, path.name, seconds)
+        self.calls[key.digest] = compiled
+        return compiled
+
+    def key(self, call: UNetCall) -> CompileKey:
+        return CompileKey.of(call.diffusion_model, call.tensors(), call_device=str(call.x.device),
+                             static_kwargs=repr(call.static_kwargs()),
+                             attention=getattr(comfy_attention.optimized_attention, "__name__", "?"))
+
+    def compile(self, call: UNetCall, path: Path) -> None:
+        logging.info("%s: compiling the UNet for calls of shape %s (once per shape and machine; kept in %s)", NODE,
+                     list(call.x.shape), path.parent)
+        times = build(unet_forward, call.diffusion_model, call.arguments(), path)
+        self.events.append({"compiled": path.name, "shape": list(call.x.shape), "seconds": round(times.seconds, 1),
+                            "megabytes": round(times.bytes_written / 2**20, 1)})
+        logging.info("%s: compiled in %.1f s (%.1f MB kept)", NODE, times.seconds, times.bytes_written / 2**20)
+
+    def log_once(self, topic: str, message: str, *args) -> None:
+        if topic not in self.logged:
+            self.logged.add(topic)
+            logging.info(message, *args)
+
+
+def with_compile_and_keep(model, min_images: int, max_shapes: int, folder: Path | None = None):
+    """A clone of the ModelPatcher whose UNet calls run compiled (and kept on disk) where the rules allow."""
+    patched = model.clone()
+    wrapper = CompiledUNet(CompiledStore(folder or compiled_folder()), default_rules(min_images), max_shapes)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
+    keep_clones_matched(patched)
+    return patched
+
+
+def compiled_unets_of(model) -> list[CompiledUNet]:
+    return list(model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY))

@@ -1,0 +1,148 @@
+"""A module call compiled once by torch.compile (Dynamo + inductor) and kept on disk whole, for later processes.
+
+Why: PyTorch's own caches keep inductor's code, but every new process still redoes Dynamo's tracing and guard
+building (about 35 s of the 53 s warm start of the two UNets at the Diffusion² paper setting, bench/RESULTS.md).
+PyTorch's precompile (`torch.compile(...).aot_compile`, `torch.compiler.load_compiled_function`) saves the traced
+bytecode, the guards and inductor's compiled graph with its kernels in one file: loading it traces nothing.
+
+What the saved function checks by itself is kept small on purpose: only the call's tensors (shape, dtype, device,
+strides) and global state such as grad mode. Guards on the module (its classes, attributes, tensor metadata) are
+left out: ComfyUI's operation classes cannot be saved in a guard, and thousands of them take seconds to rebuild.
+The module is covered instead by `module_fingerprint`, part of the key that names the file, so a file is only ever
+loaded for a module of the same structure. The module's weights are read from the module at each call (they are
+inputs of the compiled graph), so one file serves every checkpoint of the architecture and weight patches reach it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+FORMAT = 1  # part of every key: bump when what is compiled changes, so old files are not loaded
+SIMPLE_ATTRIBUTES = (bool, int, float, str, type(None))
+MODULE_ARGUMENT = "module"  # the compiled function's first parameter: guards rooted there are left out
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """What the compiled code depends on besides the inputs: every submodule's class, its simple attributes (head
+    counts, strides, flags) and its tensors' names, shapes, dtypes and strides. Not the weights' values."""
+    digest = hashlib.sha256()
+    for name, submodule in module.named_modules():
+        kind = type(submodule)
+        attributes = sorted((key, repr(value)) for key, value in vars(submodule).items()
+                            if not key.startswith("_") and isinstance(value, SIMPLE_ATTRIBUTES))
+        digest.update(repr((name, kind.__module__, kind.__qualname__, attributes)).encode())
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors.items():
+        digest.update(repr((name, tuple(tensor.shape), str(tensor.dtype), tensor.stride())).encode())
+    return digest.hexdigest()
+
+
+def tensor_signature(tensor: torch.Tensor) -> list:
+    return [list(tensor.shape), str(tensor.dtype), list(tensor.stride())]
+
+
+def device_signature(device: torch.device) -> str:
+    """The compiled code's target: the GPU model and its compute capability (kernels are built for them)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda:{torch.cuda.get_device_name(device)}:sm{major}{minor}:cuda{torch.version.cuda}"
+    return device.type
+
+
+def autograd_state() -> str:
+    """Compiled code is specialised to it (an inference-mode graph cannot run under no_grad and back)."""
+    return "inference" if torch.is_inference_mode_enabled() else ("grad" if torch.is_grad_enabled() else "no_grad")
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    """Everything a compiled call depends on, as JSON-able parts; its hash names the file on disk."""
+
+    parts: dict
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, tensors: dict[str, torch.Tensor], **extra) -> "CompileKey":
+        device = next(iter(tensors.values())).device
+        return cls({"format": FORMAT, "torch": torch.__version__, "device": device_signature(device),
+                    "autograd": autograd_state(), "module": module_fingerprint(module),
+                    "tensors": {name: tensor_signature(tensor) for name, tensor in tensors.items()}, **extra})
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def call_guards_only(guard_entries) -> list[bool]:
+    """Guard filter: keep the guards PyTorch calls portable (tensor metadata, global state, shapes) that are not
+    rooted at the module. Keeping only portable guards also lets PyTorch leave the module out of the saved guard
+    state (which it otherwise pickles, and ComfyUI's modules do not pickle)."""
+    portable = torch.compiler.keep_portable_guards_unsafe(guard_entries)
+    return [keep and not entry.name.startswith(MODULE_ARGUMENT) for entry, keep in zip(guard_entries, portable)]
+
+
+@dataclass
+class BuildTimes:
+    seconds: float
+    bytes_written: int
+
+
+def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path: Path,
+          options: dict | None = None) -> BuildTimes:
+    """Compile `function(module, *arguments)` (a module-level function: its code is saved by reference to its
+    module's globals) and save it at `path`. Written beside `path` and renamed into place, so a crash or a stop
+    leaves no half-written file. Raises what torch.compile raises (a graph break, an unsavable value)."""
+    started = time.perf_counter()
+    compiler = torch.compile(function, fullgraph=True, options={"guard_filter_fn": call_guards_only, **(options or {})})
+    compiled = compiler.aot_compile(((module, *arguments), {}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        compiled.save_compiled_function(str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return BuildTimes(time.perf_counter() - started, path.stat().st_size)
+
+
+@dataclass
+class CompiledCall:
+    """A loaded file: `compiled_call(module, *arguments)` runs the compiled code when its guards pass."""
+
+    compiled: Callable
+
+    @classmethod
+    def load(cls, path: Path) -> "CompiledCall":
+        with open(path, "rb") as file:
+            return cls(torch.compiler.load_compiled_function(file))
+
+    def accepts(self, module: torch.nn.Module, *arguments) -> bool:
+        return bool(self.compiled.guard_check(module, *arguments))
+
+    def __call__(self, module: torch.nn.Module, *arguments):
+        return self.compiled(module, *arguments)
+
+
+class CompiledStore:
+    """The files of one folder, named by their key's hash."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def path(self, key: CompileKey) -> Path:
+        return self.directory / f"{key.digest}.compiled"
+
+
+def precompile_missing_reason() -> str | None:
+    """Why this PyTorch cannot save compiled functions, or None (the API came with PyTorch 2.10)."""
+    if not (hasattr(torch.compiler, "load_compiled_function") and hasattr(torch.compiler, "keep_portable_guards_unsafe")):
+        return f"PyTorch {torch.__version__} cannot save compiled functions (torch.compiler.load_compiled_function)"
+    return None

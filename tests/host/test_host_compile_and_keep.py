@@ -1,0 +1,234 @@
+"""MV4D Compile and Keep: UNet calls compiled by torch.compile and kept whole on disk, on tiny SVD / SV3D models (CPU).
+
+Properties: the compiled call gives the UNet's prediction and leaves one file; a new wrapper over the same folder
+loads the file instead of compiling, also for another checkpoint of the same architecture (weights are read from
+the module) and after a weight patch; a fresh Python process loads it and traces nothing; calls the rules refuse
+run the UNet as before and compile nothing; a compile that fails leaves no file and the call still returns the
+eager prediction; the composed grid is the same with both models compiled. Each compile builds C++ kernels on this
+machine (tens of seconds on two cores), so the tests share the compiles they need.
+
+ComfyUI's CPU attention (sub-quadratic, sized from free memory) cannot be traced whole; the GPU default, PyTorch's
+attention, can, so these tests select it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mv4d_host_helpers import run_node
+from mv4d_tiny_models import svd_family_unet
+from test_host_composition import cameras, composed_guider, grid_conditioning, grid_noise, models, references, sample  # noqa: F401
+from test_host_exact_savings import svd_inputs
+
+TOLERANCE = 1e-5  # float32: inductor's fused kernels reorder sums
+HERE = Path(__file__).resolve().parent
+
+
+def unet_call(patcher, x: torch.Tensor, context: torch.Tensor, **conds) -> torch.Tensor:
+    """One denoising call as sampling makes it: object and weight patches applied, and the patcher's
+    transformer_options (attention patches) and wrappers handed to the UNet."""
+    options = dict(patcher.model_options.get("transformer_options", {}), wrappers=patcher.wrappers)
+    patcher.patch_model()
+    try:
+        with torch.no_grad():
+            return patcher.model.apply_model(x, torch.full((x.shape[0],), 3.0), c_crossattn=context,
+                                             transformer_options=options, **conds)
+    finally:
+        patcher.unpatch_model()
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def keep(comfy):
+    import comfy.ldm.modules.attention as attention
+
+    import mv4d.integration.patches.precompiled_unet as keep
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+        yield keep
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("compiled_unets")
+
+
+def compiled(keep, model, folder, min_images=1, max_shapes=4):
+    return keep.with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes, folder=folder)
+
+
+@pytest.fixture
+def no_compiles(keep, monkeypatch):
+    """From here on a compile fails the test: what follows must come from memory or disk, or run uncompiled."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a UNet call was compiled")
+
+    monkeypatch.setattr(keep.CompiledUNet, "compile", refuse)
+
+
+@pytest.fixture(scope="module")
+def first_compile(keep, folder):
+    """One tiny SVD call (one video of 3 frames) through a fresh folder: the compile every later test reuses."""
+    model = svd_family_unet("svd", seed=0)
+    x, context, conds = svd_inputs()
+    eager = unet_call(model, x, context, **conds)
+    wrapped = compiled(keep, model, folder)
+    result = unet_call(wrapped, x, context, **conds)
+    return eager, result, keep.compiled_unets_of(wrapped)[0]
+
+
+def test_a_compiled_call_gives_the_unets_prediction_and_leaves_one_file(first_compile, folder):
+    eager, result, wrapper = first_compile
+    print(f"\ncompile and keep, tiny SVD: relative difference {relative(result, eager):.2e}; {wrapper.events}")
+    assert relative(result, eager) <= TOLERANCE
+    assert [event for event in wrapper.events if "compiled" in event]
+    assert [path.suffix for path in folder.iterdir()] == [".compiled"]  # no partial file beside it
+
+
+def test_another_checkpoint_of_the_same_architecture_loads_the_file(keep, folder, first_compile, no_compiles):
+    other = svd_family_unet("svd", seed=5)  # other weights, same layout
+    x, context, conds = svd_inputs(seed=1)
+    wrapped = compiled(keep, other, folder)
+    result = unet_call(wrapped, x, context, **conds)
+    eager = unet_call(other, x, context, **conds)
+    assert relative(result, eager) <= TOLERANCE
+    assert relative(eager, first_compile[0]) > 0.1  # really another model's prediction
+    (wrapper,) = keep.compiled_unets_of(wrapped)
+    assert [list(event) for event in wrapper.events] == [["loaded", "shape", "seconds"]]
+
+
+def test_a_weight_patch_reaches_the_compiled_call(keep, folder, first_compile, no_compiles):
+    model = svd_family_unet("svd", seed=0)
+    key = "diffusion_model.input_blocks.0.0.weight"
+    weight = model.model.state_dict()[key]
+    model.add_patches({key: (0.5 * torch.ones_like(weight),)}, strength_patch=1.0)
+    x, context, conds = svd_inputs()
+    eager = unet_call(model, x, context, **conds)
+    result = unet_call(compiled(keep, model, folder), x, context, **conds)
+    assert relative(result, eager) <= TOLERANCE
+    assert relative(eager, first_compile[0]) > 1e-3  # the patch changed the prediction
+
+
+def test_a_fresh_process_loads_the_file_and_traces_nothing(keep, folder, first_compile):
+    """What a restart of ComfyUI does: a new Python loads the kept file; Dynamo traces no frame."""
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.path.insert(0, {str(HERE)!r})
+        root_conftest = importlib.util.spec_from_file_location("root_conftest", {str(HERE.parent / "conftest.py")!r})
+        root_conftest.loader.exec_module(importlib.util.module_from_spec(root_conftest))  # the checkout as `mv4d`
+        from conftest import HOST
+        sys.path.insert(0, str(HOST))
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        import comfy.ldm.modules.attention as attention
+        attention.optimized_attention = attention.attention_pytorch
+        import torch
+        from torch._dynamo.utils import counters
+        from mv4d_tiny_models import svd_family_unet
+        from test_host_exact_savings import svd_inputs
+        from test_host_compile_and_keep import unet_call
+        from mv4d.integration.patches.precompiled_unet import compiled_unets_of, with_compile_and_keep
+        model = with_compile_and_keep(svd_family_unet("svd", seed=0), min_images=1, max_shapes=4, folder={str(folder)!r})
+        x, context, conds = svd_inputs()
+        torch.save(unet_call(model, x, context, **conds), sys.argv[1])
+        print("EVENTS", compiled_unets_of(model)[0].events, "FRAMES", counters["stats"]["unique_graphs"])
+    """)
+    output = Path(folder).parent / "fresh_process_prediction.pt"
+    run = subprocess.run([sys.executable, "-P", "-c", script, str(output)], capture_output=True, text=True,
+                         timeout=600, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(run.stdout.strip().splitlines()[-1])
+    events = run.stdout.split("EVENTS")[-1]
+    assert "'loaded'" in events and "'compiled'" not in events and events.rstrip().endswith("FRAMES 0")
+    assert relative(torch.load(output), first_compile[0]) <= TOLERANCE
+
+
+def test_calls_the_rules_refuse_run_the_unet_as_before(keep, folder, first_compile, no_compiles, caplog):
+    model = svd_family_unet("svd", seed=0)
+    x, context, conds = svd_inputs()
+
+    def doubled_attention(q, k, v, extra_options):  # an attention patch: Python the compiled code would freeze
+        import comfy.ldm.modules.attention as attention
+
+        return 2.0 * attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    patched = model.clone()
+    patched.set_model_attn1_replace(doubled_attention, "input", 1)
+    with caplog.at_level(logging.INFO):
+        eager = unet_call(patched, x, context, **conds)
+        result = unet_call(compiled(keep, patched, folder), x, context, **conds)
+        small = unet_call(compiled(keep, model, folder, min_images=4), x, context, **conds)
+    assert torch.equal(result, eager)
+    assert torch.equal(small, unet_call(model, x, context, **conds))
+    assert "patches_replace" in caplog.text and "fewer than min_images 4" in caplog.text
+    assert len(list(folder.iterdir())) == 1
+
+
+def test_a_call_that_cannot_be_compiled_runs_uncompiled_and_leaves_nothing(keep, tmp_path, monkeypatch, caplog):
+    """ComfyUI's CPU attention asks the OS for free memory inside the UNet: no whole graph, so no file, the
+    eager prediction, and one warning (the failure is remembered, not retried each step)."""
+    import comfy.ldm.modules.attention as attention
+
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_sub_quad)
+    model = svd_family_unet("svd", seed=0)
+    x, context, conds = svd_inputs()
+    wrapped = compiled(keep, model, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        first = unet_call(wrapped, x, context, **conds)
+        second = unet_call(wrapped, x, context, **conds)
+    assert torch.equal(first, unet_call(model, x, context, **conds)) and torch.equal(first, second)
+    assert caplog.text.count("could not compile") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_save_leaves_no_file(comfy, tmp_path, monkeypatch):
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    import mv4d.kernels.precompile as precompile
+
+    def half_written(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        precompile.build(linear_call, torch.nn.Linear(4, 4), (torch.randn(2, 4),), tmp_path / "linear.compiled")
+    assert list(tmp_path.iterdir()) == []
+
+
+def linear_call(module, x):  # module level: what precompile.build compiles must be
+    return module(x)
+
+
+def test_the_composed_grid_is_the_same_with_both_models_compiled(keep, mv4d_nodes, models, cameras, references, folder):  # noqa: F811
+    """One call per model and evaluation (4 videos, 3 sets): two more files."""
+    conditioning, latent = grid_conditioning(mv4d_nodes, models, cameras, references)
+    grids = []
+    for wrap in (lambda m: m, lambda m: compiled(keep, m, folder)):
+        guider = composed_guider(mv4d_nodes, models, conditioning, video_model=wrap(models["svd"][0]),
+                                 multiview_model=wrap(models["sv3d_p"][0]), videos_per_call=4, multiview_sets_per_call=3)
+        grids.append(sample(guider, grid_noise(), latent))
+    print(f"\ncomposed grid with compiled UNets: relative difference {relative(grids[1], grids[0]):.2e}")
+    assert relative(grids[1], grids[0]) <= 1e-4  # four steps of float32 differences
+    assert len(list(folder.glob("*.compiled"))) == 3  # the first test's and one per model here
+
+
+def test_the_node_keeps_files_in_comfyuis_user_folder(keep, mv4d_nodes, models):  # noqa: F811
+    import folder_paths
+
+    wrapped = run_node(mv4d_nodes.CompileAndKeepNode, model=models["svd"][0], min_images=64, max_shapes=2).result[0]
+    (wrapper,) = keep.compiled_unets_of(wrapped)
+    assert wrapper.store.directory.is_relative_to(folder_paths.get_user_directory())
+    assert wrapper.max_shapes == 2 and not keep.compiled_unets_of(models["svd"][0])  # the loader's model is untouched
