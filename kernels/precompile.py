@@ -101,7 +101,10 @@ def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path
     module's globals) and save it at `path`. Written beside `path` and renamed into place, so a crash or a stop
     leaves no half-written file. Raises what torch.compile raises (a graph break, an unsavable value)."""
     started = time.perf_counter()
-    compiler = torch.compile(function, fullgraph=True, options={"guard_filter_fn": call_guards_only, **(options or {})})
+    # PyTorch 2.10 / 2.11 attach aot_compile only under this flag; later versions always do and dropped it
+    flag = {"enable_aot_compile": True} if hasattr(torch._dynamo.config, "enable_aot_compile") else {}
+    with torch._dynamo.config.patch(**flag):
+        compiler = torch.compile(function, fullgraph=True, options={"guard_filter_fn": call_guards_only, **(options or {})})
     compiled = compiler.aot_compile(((module, *arguments), {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
