@@ -104,7 +104,10 @@ def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path
     # PyTorch 2.10 / 2.11 attach aot_compile only under this flag; later versions always do and dropped it
     flag = {"enable_aot_compile": True} if hasattr(torch._dynamo.config, "enable_aot_compile") else {}
     with torch._dynamo.config.patch(**flag):
-        compiler = torch.compile(function, fullgraph=True, options={"guard_filter_fn": call_guards_only, **(options or {})})
+        # dynamic=False: one function is compiled for every model and shape, and Dynamo would otherwise take the
+        # second shape it sees as a sign to compile for symbolic shapes (slower code, and minutes more to compile)
+        compiler = torch.compile(function, fullgraph=True, dynamic=False,
+                                 options={"guard_filter_fn": call_guards_only, **(options or {})})
     compiled = compiler.aot_compile(((module, *arguments), {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
