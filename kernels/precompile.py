@@ -147,6 +147,17 @@ class CompiledStore:
         return self.directory / f"{key.digest}.compiled"
 
 
+def keep_compile_caches_in(directory: Path) -> None:
+    """Point PyTorch's compile caches (inductor's kernels and, beside them, the autotuning results that pick each
+    kernel's launch configuration) at `directory`, unless the user chose a folder (TORCHINDUCTOR_CACHE_DIR). The
+    default folder is the temp folder, which a restart empties: the kept files would then load, but every kernel
+    would be autotuned again (about 25 s for the two UNets at the paper setting, bench/RESULTS.md)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):  # inductor writes its default there
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+
+
 def precompile_missing_reason() -> str | None:
     """Why this PyTorch cannot save compiled functions, or None (the API came with PyTorch 2.10)."""
     if not (hasattr(torch.compiler, "load_compiled_function") and hasattr(torch.compiler, "keep_portable_guards_unsafe")):

@@ -8,11 +8,12 @@ import logging
 
 from ..kernels.fp8_matmul import FP8_CAPABILITY, gpu_has_fp8_matmuls
 from ..kernels.fused_elementwise import compile_backend, inductor_missing_reason
-from ..kernels.precompile import precompile_missing_reason
+from ..kernels.precompile import keep_compile_caches_in, precompile_missing_reason
 from ..integration import host
 from ..integration.patches.fp8_matmuls import with_fp8_matmuls
 from ..integration.patches.fused_elementwise import fused_module_count, with_fused_elementwise
-from ..integration.patches.precompiled_unet import NODE as KEEP_NODE, compiled_folder, with_compile_and_keep
+from ..integration.patches.precompiled_unet import (NODE as KEEP_NODE, compile_caches_folder, compiled_folder,
+                                                    with_compile_and_keep)
 from ..integration.node_errors import input_error
 
 FP8_NODE = "MV4D FP8 Matmuls"
@@ -93,9 +94,10 @@ class CompileAndKeepNode(io.ComfyNode):
             category="mv4d/speed",
             description="Optional speed-up, the same result up to rounding: each UNet call shape is compiled once by "
                         "torch.compile (inductor, whole UNet) and the compiled function is kept whole under ComfyUI's "
-                        "user folder (user/mv4d/compiled_unets). The first run of a shape compiles (minutes at the "
-                        "Diffusion² paper setting); later runs, also after a restart, load it in seconds without "
-                        "tracing again. Weights are not in the file, so any checkpoint of the same architecture reuses "
+                        "user folder (user/mv4d/compiled_unets, PyTorch's caches beside it). The first run of a shape "
+                        "compiles it (about 1.5 minutes per UNet at the Diffusion² paper setting on an H200), by "
+                        "default in the background while the calls run uncompiled; later runs, also after a restart, "
+                        "load it in seconds without tracing again. Weights are not in the file, so any checkpoint of the same architecture reuses "
                         "it. Calls with attention patches, ControlNets, other model wrappers or low-VRAM loading run "
                         "uncompiled. Fix the guider's videos_per_call / multiview_sets_per_call so shapes stay few. "
                         "Use instead of TorchCompileModel, one per model.",
@@ -107,18 +109,24 @@ class CompileAndKeepNode(io.ComfyNode):
                 io.Int.Input("max_shapes", default=4, min=1, max=64,
                              tooltip="At most this many call shapes are compiled per model and run; calls of further "
                                      "shapes run uncompiled."),
+                io.Boolean.Input("compile_in_background", default=True,
+                                 tooltip="On: a new shape compiles on a thread while its calls run uncompiled, so "
+                                         "sampling starts at once and speeds up when the compile is done. Off: the "
+                                         "first call waits for the compile."),
             ],
             outputs=[io.Model.Output("compiled_model", display_name="model",
                                      tooltip="The same model; its UNet calls run compiled while it samples.")],
         )
 
     @classmethod
-    def execute(cls, model, min_images, max_shapes) -> io.NodeOutput:
+    def execute(cls, model, min_images, max_shapes, compile_in_background=True) -> io.NodeOutput:
         reason = precompile_missing_reason() or inductor_missing_reason(host.compute_device())
         if reason:
             raise input_error(KEEP_NODE, "model", reason,
                               "install PyTorch 2.10 or newer with Triton (Linux CUDA wheels have it), or bypass this "
                               "node (Ctrl+B in the graph)")
+        keep_compile_caches_in(compile_caches_folder())
         logging.info("%s: compiled UNets are kept in %s", KEEP_NODE, compiled_folder())
-        return io.NodeOutput(with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes))
+        return io.NodeOutput(with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes,
+                                                   background=compile_in_background))
 
