@@ -267,8 +267,6 @@ def main() -> None:
     parser.add_argument("--keep-folder", default="compiled_unets",
                         help="path keep (MV4D Compile and Keep on both UNets): the folder its compiled calls are kept in")
     parser.add_argument("--keep-min-images", type=int, default=64, help="path keep: min_images of the node")
-    parser.add_argument("--keep-foreground", action="store_true",
-                        help="path keep: the first call of a shape waits for its compile (the node's compile_in_background off)")
     parser.add_argument("--per-call", default="0,0",
                         help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
     parser.add_argument("--decode", action="store_true",
@@ -337,8 +335,7 @@ def main() -> None:
         from mv4d.kernels.precompile import keep_compile_caches_in
 
         keep_compile_caches_in(Path(args.keep_folder).resolve() / "torch_compile_cache")  # as the node does, beside the files
-        keep_models = tuple(with_compile_and_keep(m, min_images=args.keep_min_images, max_shapes=4, folder=Path(args.keep_folder),
-                                                  background=not args.keep_foreground)
+        keep_models = tuple(with_compile_and_keep(m, min_images=args.keep_min_images, max_shapes=4, folder=Path(args.keep_folder))
                             for m in (video_model, multiview_model))
     batch_sizes = BatchSizes()
     peak = PeakVram() if cuda else None
@@ -391,7 +388,7 @@ def main() -> None:
         for index in range(args.repeats):
             steps.append(run(path, per_call))
             unet.append(timer.take_seconds() if timer else float("nan"))
-            if path == "keep":  # as it happens: background compiles switch the later steps to compiled code
+            if path == "keep":  # as it happens
                 print(json.dumps({"keep_step": index, "seconds": round(steps[-1], 2), "events": keep_events(keep_models)}),
                       file=sys.stderr, flush=True)
         step = min(steps)

@@ -95,9 +95,8 @@ class CompileAndKeepNode(io.ComfyNode):
             description="Optional speed-up, the same result up to rounding: each UNet call shape is compiled once by "
                         "torch.compile (inductor, whole UNet) and the compiled function is kept whole under ComfyUI's "
                         "user folder (user/mv4d/compiled_unets, PyTorch's caches beside it). The first run of a shape "
-                        "compiles it (about 1.5 minutes per UNet at the Diffusion² paper setting on an H200), by "
-                        "default in the background while the calls run uncompiled; later runs, also after a restart, "
-                        "load it in seconds without tracing again. Weights are not in the file, so any checkpoint of the same architecture reuses "
+                        "compiles it (about 1.5 minutes per UNet at the Diffusion² paper setting on an H200); later "
+                        "runs, also after a restart, load it in seconds without tracing again. Weights are not in the file, so any checkpoint of the same architecture reuses "
                         "it. Calls with attention patches, ControlNets, other model wrappers or low-VRAM loading run "
                         "uncompiled. Fix the guider's videos_per_call / multiview_sets_per_call so shapes stay few. "
                         "Use instead of TorchCompileModel, one per model.",
@@ -109,17 +108,13 @@ class CompileAndKeepNode(io.ComfyNode):
                 io.Int.Input("max_shapes", default=4, min=1, max=64,
                              tooltip="At most this many call shapes are compiled per model and run; calls of further "
                                      "shapes run uncompiled."),
-                io.Boolean.Input("compile_in_background", default=True,
-                                 tooltip="On: a new shape compiles on a thread while its calls run uncompiled, so "
-                                         "sampling starts at once and speeds up when the compile is done. Off: the "
-                                         "first call waits for the compile."),
             ],
             outputs=[io.Model.Output("compiled_model", display_name="model",
                                      tooltip="The same model; its UNet calls run compiled while it samples.")],
         )
 
     @classmethod
-    def execute(cls, model, min_images, max_shapes, compile_in_background=True) -> io.NodeOutput:
+    def execute(cls, model, min_images, max_shapes) -> io.NodeOutput:
         reason = precompile_missing_reason() or inductor_missing_reason(host.compute_device())
         if reason:
             raise input_error(KEEP_NODE, "model", reason,
@@ -127,6 +122,5 @@ class CompileAndKeepNode(io.ComfyNode):
                               "node (Ctrl+B in the graph)")
         keep_compile_caches_in(compile_caches_folder())
         logging.info("%s: compiled UNets are kept in %s", KEEP_NODE, compiled_folder())
-        return io.NodeOutput(with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes,
-                                                   background=compile_in_background))
+        return io.NodeOutput(with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes))
 

@@ -11,7 +11,6 @@ module tree, so they are in the compiled code and in its key.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading
@@ -32,7 +31,7 @@ NODE = "MV4D Compile and Keep"
 STATIC_TYPES = (bool, int, float, str, type(None))
 UNET_TENSORS = ("x", "timesteps", "context", "y")
 # One compile at a time in the process: Dynamo and inductor keep process-wide state and are not made for two
-# compiles at once (two models' background compiles would otherwise start together).
+# compiles at once (multi-GPU runs call the models' wrappers from one thread per device).
 COMPILE_LOCK = threading.Lock()
 
 
@@ -172,17 +171,14 @@ def default_rules(min_images: int) -> tuple[CallRule, ...]:
 
 
 class CompiledUNet:
-    """The DIFFUSION_MODEL wrapper: a compiled call per call signature, from memory, from disk, or compiled now.
+    """The DIFFUSION_MODEL wrapper: a compiled call per call signature, from memory, from disk, or compiled now
+    (the first call of a shape waits for its compile: compiling on a thread while calls ran uncompiled was measured
+    and dropped, bench/RESULTS.md)."""
 
-    In the background (the default), the first call of a new shape starts its compile on a thread and runs
-    uncompiled; every call runs uncompiled until the file is written, then the compiled code takes over. So the
-    first run never waits minutes before its first step: it runs at eager speed while compiling."""
-
-    def __init__(self, store: CompiledStore, rules: tuple[CallRule, ...], max_shapes: int, background: bool = True):
-        self.store, self.rules, self.max_shapes, self.background = store, rules, max_shapes, background
+    def __init__(self, store: CompiledStore, rules: tuple[CallRule, ...], max_shapes: int):
+        self.store, self.rules, self.max_shapes = store, rules, max_shapes
         self.calls: dict[str, CompiledCall] = {}  # key digest -> loaded compiled call
         self.refused: dict[str, str] = {}  # key digest -> why it runs eagerly (a compile that failed)
-        self.compiling: dict[str, threading.Thread] = {}  # key digest -> its compile, in the background
         self.logged: set[str] = set()
         self.events: list[dict] = []  # what was compiled and loaded, with seconds (for the log and the benchmarks)
         self.lock = threading.Lock()  # multi-GPU runs call one wrapper from one thread per device
@@ -210,27 +206,23 @@ class CompiledUNet:
         return compiled
 
     def load_or_compile(self, call: UNetCall, key: CompileKey) -> CompiledCall | None:
-        if key.digest in self.refused or key.digest in self.compiling:
+        if key.digest in self.refused:
             return None
         path = self.store.path(key)
         if path.exists():
-            return self.load(path, key, call)
-        if len(self.calls) + len(self.compiling) >= self.max_shapes:
+            try:
+                return self.load(path, key, call)
+            except Exception as error:  # e.g. a file cut short by a full disk: say which, and go on uncompiled
+                self.refused[key.digest] = str(error)
+                logging.warning("%s: could not load %s (%s: %s); calls of shape %s run uncompiled; delete the file "
+                                "to compile it again", NODE, path, type(error).__name__, error, list(call.x.shape))
+                return None
+        if len(self.calls) >= self.max_shapes:
             self.log_once("max", "%s: %d call shapes already compiled (max_shapes): a new shape (%s) runs uncompiled; "
                           "fix videos_per_call / multiview_sets_per_call of the guider to keep shapes few", NODE,
                           self.max_shapes, list(call.x.shape))
             return None
-        if not self.background:
-            return self.load(path, key, call) if self.compile(call, path, key) else None
-        # the compile traces with tensors of the call's layout, not the call's own (the sampler reuses its buffers)
-        example = dataclasses.replace(call, **{name: stand_in(getattr(call, name)) for name in UNET_TENSORS},
-                                      kwargs={name: stand_in(value) for name, value in call.kwargs.items()},
-                                      transformer_options={})
-        thread = threading.Thread(target=self.compile, args=(example, path, key, autograd_modes()),
-                                  name=f"mv4d compile {list(call.x.shape)}", daemon=True)
-        self.compiling[key.digest] = thread
-        thread.start()
-        return None
+        return self.load(path, key, call) if self.compile(call, path, key) else None
 
     def load(self, path: Path, key: CompileKey, call: UNetCall) -> CompiledCall:
         started = time.perf_counter()
@@ -246,31 +238,22 @@ class CompiledUNet:
                              static_kwargs=repr(call.static_kwargs()),
                              attention=getattr(comfy_attention.optimized_attention, "__name__", "?"))
 
-    def compile(self, call: UNetCall, path: Path, key: CompileKey, modes: tuple[bool, bool] | None = None) -> bool:
-        """Compile and keep one call shape; False (and the shape runs uncompiled from then on) if it fails.
-        `modes`: the caller's (inference mode, grad mode), for a compile on another thread (both are per thread)."""
-        logging.info("%s: compiling the UNet for calls of shape %s%s (once per shape and machine; kept in %s)", NODE,
-                     list(call.x.shape), ", in the background: calls run uncompiled until it is done" if modes else "",
-                     path.parent)
+    def compile(self, call: UNetCall, path: Path, key: CompileKey) -> bool:
+        """Compile and keep one call shape; False (and the shape runs uncompiled from then on) if it fails."""
+        logging.info("%s: compiling the UNet for calls of shape %s (once per shape and machine, minutes for a large "
+                     "UNet; kept in %s)", NODE, list(call.x.shape), path.parent)
         try:
-            with COMPILE_LOCK, autograd_modes_of(modes), device_of(call.x):
+            with COMPILE_LOCK:
                 times = build(unet_forward, call.diffusion_model, call.arguments(), path)
         except Exception as error:  # a graph break, an unsavable value, a compiler failure: eager, the run goes on
             self.refused[key.digest] = str(error)
             logging.warning("%s: could not compile calls of shape %s (%s: %s); they run uncompiled", NODE,
                             list(call.x.shape), type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             return False
-        finally:
-            self.compiling.pop(key.digest, None)
         self.events.append({"compiled": path.name, "shape": list(call.x.shape), "seconds": round(times.seconds, 1),
                             "megabytes": round(times.bytes_written / 2**20, 1)})
         logging.info("%s: compiled in %.1f s (%.1f MB kept)", NODE, times.seconds, times.bytes_written / 2**20)
         return True
-
-    def wait_for_compiles(self) -> None:
-        """Until every background compile has finished (tests and benchmarks)."""
-        for thread in list(self.compiling.values()):
-            thread.join()
 
     def log_once(self, topic: str, message: str, *args) -> None:
         if topic not in self.logged:
@@ -278,36 +261,10 @@ class CompiledUNet:
             logging.info(message, *args)
 
 
-def stand_in(value):
-    """A tensor of the same layout (shape, strides, dtype, device) and no shared memory; anything else as it is."""
-    if isinstance(value, torch.Tensor):
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
-    return value
-
-
-def autograd_modes() -> tuple[bool, bool]:
-    return torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-
-
-@contextlib.contextmanager
-def autograd_modes_of(modes: tuple[bool, bool] | None):
-    if modes is None:
-        yield
-        return
-    inference, grad = modes
-    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-        yield
-
-
-def device_of(tensor: torch.Tensor):
-    """The tensor's GPU as the thread's current device (it is per thread), or nothing to do."""
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
-
-
-def with_compile_and_keep(model, min_images: int, max_shapes: int, folder: Path | None = None, background: bool = True):
+def with_compile_and_keep(model, min_images: int, max_shapes: int, folder: Path | None = None):
     """A clone of the ModelPatcher whose UNet calls run compiled (and kept on disk) where the rules allow."""
     patched = model.clone()
-    wrapper = CompiledUNet(CompiledStore(folder or compiled_folder()), default_rules(min_images), max_shapes, background)
+    wrapper = CompiledUNet(CompiledStore(folder or compiled_folder()), default_rules(min_images), max_shapes)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
     keep_clones_matched(patched)

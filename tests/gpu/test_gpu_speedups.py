@@ -51,7 +51,7 @@ def test_compile_and_keep_gives_the_same_grid_in_bf16_and_loads_from_disk(guider
 
     video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
     grids, runs = [], []
-    for wrap in (lambda m: m, *[lambda m: with_compile_and_keep(m, min_images=1, max_shapes=4, folder=tmp_path, background=False)] * 2):
+    for wrap in (lambda m: m, *[lambda m: with_compile_and_keep(m, min_images=1, max_shapes=4, folder=tmp_path)] * 2):
         models = (wrap(video), wrap(multiview))
         grids.append(composed_grid(guider_module, models, conditioning, noise, sigmas, guider_module.GuiderSettings()))
         runs.append([event for model in models for wrapper in compiled_unets_of(model) for event in wrapper.events])

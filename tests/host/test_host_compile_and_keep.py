@@ -65,9 +65,8 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("compiled_unets")
 
 
-def compiled(keep, model, folder, min_images=1, max_shapes=4, background=False):
-    return keep.with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes, folder=folder,
-                                      background=background)
+def compiled(keep, model, folder, min_images=1, max_shapes=4):
+    return keep.with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes, folder=folder)
 
 
 @pytest.fixture
@@ -226,31 +225,15 @@ def test_the_composed_grid_is_the_same_with_both_models_compiled(keep, mv4d_node
     assert len(list(folder.glob("*.compiled"))) == 3  # the first test's and one per model here
 
 
-def test_a_background_compile_lets_calls_run_uncompiled_until_it_is_done(keep, tmp_path):
-    model = svd_family_unet("svd", seed=0)
-    x, context, conds = svd_inputs(frames=2)  # a shape not compiled yet
-    eager = unet_call(model, x, context, **conds)
-    wrapped = compiled(keep, model, tmp_path, background=True)
-    (wrapper,) = keep.compiled_unets_of(wrapped)
-    first = unet_call(wrapped, x, context, **conds)  # starts the compile, runs uncompiled
-    assert torch.equal(first, eager) and len(wrapper.compiling) == 1
-    wrapper.wait_for_compiles()
-    later = unet_call(wrapped, x, context, **conds)
-    assert [next(iter(event)) for event in wrapper.events] == ["compiled", "loaded"]
-    assert relative(later, eager) <= TOLERANCE and not torch.equal(later, eager)  # compiled code: reordered sums
-    assert [path.suffix for path in tmp_path.iterdir()] == [".compiled"]
-
-
 def test_the_node_keeps_files_and_compile_caches_in_comfyuis_user_folder(keep, mv4d_nodes, models, monkeypatch):  # noqa: F811
     import folder_paths
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as inductor sets it; restored afterwards
-    wrapped = run_node(mv4d_nodes.CompileAndKeepNode, model=models["svd"][0], min_images=64, max_shapes=2,
-                       compile_in_background=False).result[0]
+    wrapped = run_node(mv4d_nodes.CompileAndKeepNode, model=models["svd"][0], min_images=64, max_shapes=2).result[0]
     (wrapper,) = keep.compiled_unets_of(wrapped)
     user = Path(folder_paths.get_user_directory())
-    assert wrapper.store.directory.is_relative_to(user) and not wrapper.background
+    assert wrapper.store.directory.is_relative_to(user)
     assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(user)
     assert wrapper.max_shapes == 2 and not keep.compiled_unets_of(models["svd"][0])  # the loader's model is untouched
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/the/user/chose")
