@@ -41,6 +41,7 @@ EXPECTED_NODES = {
     "MV4D_DecodeGrid": "MV4D Decode Grid",
     "MV4D_FP8Matmuls": "MV4D FP8 Matmuls",
     "MV4D_FuseElementwise": "MV4D Fuse Elementwise",
+    "MV4D_CompileAndKeep": "MV4D Compile and Keep",
     "MV4D_3DAwareDenoising": "MV4D 3D-Aware Denoising",
     "MV4D_3DAwareReconstruction": "MV4D 3D-Aware Reconstruction",
     "MV4D_Fit4DGaussians": "MV4D Fit 4D Gaussians",
