@@ -90,13 +90,12 @@ def call_guards_only(guard_entries) -> list[bool]:
 
 
 @dataclass
-class BuildTimes:
+class Built:
     seconds: float
     bytes_written: int
 
 
-def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path: Path,
-          options: dict | None = None) -> BuildTimes:
+def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path: Path) -> Built:
     """Compile `function(module, *arguments)` (a module-level function: its code is saved by reference to its
     module's globals) and save it at `path`. Written beside `path` and renamed into place, so a crash or a stop
     leaves no half-written file. Raises what torch.compile raises (a graph break, an unsavable value)."""
@@ -107,7 +106,7 @@ def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path
         # dynamic=False: one function is compiled for every model and shape, and Dynamo would otherwise take the
         # second shape it sees as a sign to compile for symbolic shapes (slower code, and minutes more to compile)
         compiler = torch.compile(function, fullgraph=True, dynamic=False,
-                                 options={"guard_filter_fn": call_guards_only, **(options or {})})
+                                 options={"guard_filter_fn": call_guards_only})
     compiled = compiler.aot_compile(((module, *arguments), {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -116,7 +115,7 @@ def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    return BuildTimes(time.perf_counter() - started, path.stat().st_size)
+    return Built(time.perf_counter() - started, path.stat().st_size)
 
 
 @dataclass

@@ -244,15 +244,15 @@ class CompiledUNet:
                      "UNet; kept in %s)", NODE, list(call.x.shape), path.parent)
         try:
             with COMPILE_LOCK:
-                times = build(unet_forward, call.diffusion_model, call.arguments(), path)
+                built = build(unet_forward, call.diffusion_model, call.arguments(), path)
         except Exception as error:  # a graph break, an unsavable value, a compiler failure: eager, the run goes on
             self.refused[key.digest] = str(error)
             logging.warning("%s: could not compile calls of shape %s (%s: %s); they run uncompiled", NODE,
                             list(call.x.shape), type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             return False
-        self.events.append({"compiled": path.name, "shape": list(call.x.shape), "seconds": round(times.seconds, 1),
-                            "megabytes": round(times.bytes_written / 2**20, 1)})
-        logging.info("%s: compiled in %.1f s (%.1f MB kept)", NODE, times.seconds, times.bytes_written / 2**20)
+        self.events.append({"compiled": path.name, "shape": list(call.x.shape), "seconds": round(built.seconds, 1),
+                            "megabytes": round(built.bytes_written / 2**20, 1)})
+        logging.info("%s: compiled in %.1f s (%.1f MB kept)", NODE, built.seconds, built.bytes_written / 2**20)
         return True
 
     def log_once(self, topic: str, message: str, *args) -> None:
