@@ -145,6 +145,27 @@ class CompiledStore:
     def path(self, key: CompileKey) -> Path:
         return self.directory / f"{key.digest}.compiled"
 
+    def remove_stale_partials(self) -> list[Path]:
+        """Delete what a process killed while saving left behind (`<name>.partial-<pid>` of a process that is gone);
+        a partial file of a running process is its save in progress and stays."""
+        removed = []
+        for partial in self.directory.glob("*.partial-*"):
+            pid = partial.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                partial.unlink(missing_ok=True)
+                removed.append(partial)
+        return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
 
 def keep_compile_caches_in(directory: Path) -> None:
     """Point PyTorch's compile caches (inductor's kernels and, beside them, the autotuning results that pick each

@@ -242,6 +242,8 @@ class CompiledUNet:
         """Compile and keep one call shape; False (and the shape runs uncompiled from then on) if it fails."""
         logging.info("%s: compiling the UNet for calls of shape %s (once per shape and machine, minutes for a large "
                      "UNet; kept in %s)", NODE, list(call.x.shape), path.parent)
+        if self.store.directory.is_dir():
+            self.store.remove_stale_partials()
         try:
             with COMPILE_LOCK:
                 built = build(unet_forward, call.diffusion_model, call.arguments(), path)
