@@ -96,9 +96,9 @@ class CompileAndKeepNode(io.ComfyNode):
                         "torch.compile (inductor, whole UNet) and the compiled function is kept whole under ComfyUI's "
                         "user folder (user/mv4d/compiled_unets, PyTorch's caches beside it). The first run of a shape "
                         "compiles it (about 1.5 minutes per UNet at the Diffusion² paper setting on an H200); later "
-                        "runs, also after a restart, load it in seconds without tracing again. Weights are not in the file, so any checkpoint of the same architecture reuses "
-                        "it. Calls with attention patches, ControlNets, other model wrappers or low-VRAM loading run "
-                        "uncompiled. Fix the guider's videos_per_call / multiview_sets_per_call so shapes stay few. "
+                        "runs, also after a restart, load it in seconds without tracing again. Weights are not in the "
+                        "file, so any checkpoint of the same architecture reuses it. Calls with attention patches, "
+                        "ControlNets, other model wrappers or low-VRAM loading run uncompiled. Fix the guider's videos_per_call / multiview_sets_per_call so shapes stay few. "
                         "Use instead of TorchCompileModel, one per model.",
             inputs=[
                 io.Model.Input("model", tooltip="A diffusion model (e.g. SVD-XT or SV3D_p from its loader)."),

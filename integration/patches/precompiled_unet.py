@@ -23,12 +23,11 @@ import comfy.patcher_extension
 import folder_paths
 import torch
 
-from ...kernels.precompile import CompiledCall, CompiledStore, CompileKey, build
+from ...kernels.precompile import SIMPLE_ATTRIBUTES, CompiledCall, CompiledStore, CompileKey, build
 from ..multi_gpu import keep_clones_matched
 
 WRAPPER_KEY = "mv4d.compile_and_keep"
 NODE = "MV4D Compile and Keep"
-STATIC_TYPES = (bool, int, float, str, type(None))
 UNET_TENSORS = ("x", "timesteps", "context", "y")
 # One compile at a time in the process: Dynamo and inductor keep process-wide state and are not made for two
 # compiles at once (multi-GPU runs call the models' wrappers from one thread per device).
@@ -46,7 +45,7 @@ def unet_forward(module, x, timesteps, context, y, tensor_kwargs, static_kwargs)
 def is_static(value) -> bool:
     """Whether a keyword argument is plain data the compiled code may freeze (it is part of the key): numbers,
     strings, and lists, dicts and dataclasses of them."""
-    if isinstance(value, STATIC_TYPES):
+    if isinstance(value, SIMPLE_ATTRIBUTES):
         return True
     if isinstance(value, (list, tuple)):
         return all(is_static(item) for item in value)
