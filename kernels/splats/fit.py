@@ -208,6 +208,17 @@ def check_fit_memory(video: MultiviewVideo, settings: FitSettings, device: torch
                      TORCH_FIT_FIX, device)
 
 
+def fit_targets(video: MultiviewVideo, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """The images the fit compares against: (V, F, height, width, 3) uint8 on the device (21 x 25 images of 576^2:
+    0.5 GB instead of 2 GB), resized and quantised a view at a time where the fit runs: on a GPU the conversion takes
+    milliseconds after the copy, on the CPU it took longer than copying four times the bytes (bench/RESULTS.md)."""
+    targets = torch.empty(video.num_views, video.num_frames, height, width, 3, dtype=torch.uint8, device=device)
+    for view in range(video.num_views):
+        images = video.images[view].to(device)
+        targets[view] = (resize_images(images, height, width).clamp(0, 1) * 255).round()
+    return targets
+
+
 def _fit(video, settings, device, on_step, start, objective, strategy) -> FitResult:
     settings.check()
     video.check_has_content()
@@ -215,10 +226,7 @@ def _fit(video, settings, device, on_step, start, objective, strategy) -> FitRes
     check_fit_memory(video, settings, device, backend)
     started = time.perf_counter()
     height, width = fit_size(video, settings.resolution)
-    # Targets as uint8 on the device (21 x 25 images of 576^2: 0.5 GB instead of 2 GB), converted a view at a time.
-    targets = torch.empty(video.num_views, video.num_frames, height, width, 3, dtype=torch.uint8, device=device)
-    for view in range(video.num_views):
-        targets[view] = (resize_images(video.images[view], height, width).clamp(0, 1) * 255).round().to(device, torch.uint8)
+    targets = fit_targets(video, height, width, device)
     cameras = video.cameras.resized(height, width)
     world_to_camera = cameras.world_to_camera.float().to(device)
     intrinsics = cameras.intrinsics.float().to(device)

@@ -55,3 +55,23 @@ def test_a_gsplat_fit_on_the_gpu_improves_on_its_start():
     start = initial_gaussians(video, 2000, MotionConfig(), torch.ones(3), torch.Generator().manual_seed(0), time_window=0.1)
     assert result.backend == "gsplat"
     assert score(result.gaussians) >= score(start) + 5.0
+
+
+def test_fit_targets_converted_on_the_gpu_match_the_cpu_conversion():
+    """The fit's targets are resized and quantised where the fit runs; the GPU's rounding may move a value by one
+    level of 255 at most, against the same function run on the CPU."""
+    from mv4d.kernels.multiview_video import MultiviewVideo, even_times
+    from mv4d.kernels.splats.fit import fit_targets
+
+    rig = orbit_rig(3, height=96, width=80)
+    images = torch.rand(3, 4, 96, 80, 3, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1  # some out of [0, 1]
+    video = MultiviewVideo(images, rig, even_times(4))
+    for height, width in ((96, 80), (60, 50)):
+        on_gpu = fit_targets(video, height, width, torch.device("cuda"))
+        on_cpu = fit_targets(video, height, width, torch.device("cpu"))
+        apart = (on_gpu.cpu().int() - on_cpu.int()).abs()
+        print(f"\n{height}x{width}: {int((apart > 0).sum())} of {apart.numel()} values one level apart")
+        assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8 and on_gpu.shape == (3, 4, height, width, 3)
+        assert int(apart.max()) <= 1
+        if (height, width) == (96, 80):
+            assert torch.equal(on_gpu.cpu(), on_cpu)  # no resize: clamping and rounding only, exact on both
