@@ -267,6 +267,10 @@ def main() -> None:
     parser.add_argument("--keep-folder", default="compiled_unets",
                         help="path keep (MV4D Compile and Keep on both UNets): the folder its compiled calls are kept in")
     parser.add_argument("--keep-min-images", type=int, default=64, help="path keep: min_images of the node")
+    parser.add_argument("--keep-first-compile", default="before the call", choices=["before the call", "beside the run"],
+                        help="path keep: first_compile of the node; 'beside the run' times every step until the "
+                             "compiles are in (at most --keep-beside-limit seconds)")
+    parser.add_argument("--keep-beside-limit", type=float, default=420.0)
     parser.add_argument("--per-call", default="0,0",
                         help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
     parser.add_argument("--decode", action="store_true",
@@ -309,7 +313,9 @@ def main() -> None:
             # model's batch would otherwise switch dynamo to slow-to-compile dynamic shapes
             set_torch_compile_wrapper(model=model, backend="inductor", dynamic=False,
                                       options={"guard_filter_fn": lambda entries: [("transformer_options" not in e.name) for e in entries]})
-    timer = UNetTimer([video_model, multiview_model]) if cuda and not args.compile else None
+    # The UNet timer's wrapped forward does not pickle, which sending a call to a compile process needs
+    beside = "keep" in args.paths.split(",") and args.keep_first_compile == "beside the run"
+    timer = UNetTimer([video_model, multiview_model]) if cuda and not args.compile and not beside else None
     result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "dtype": str(dtype),
               "views": args.views, "frames": args.frames, "size": args.size, "tiny": args.tiny,
               "memory_cap_gib": args.memory_cap_gib or None, "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark, "per_call": args.per_call, "build_seconds": round(build_seconds, 1)}
@@ -335,7 +341,8 @@ def main() -> None:
         from mv4d.kernels.precompile import keep_compile_caches_in
 
         keep_compile_caches_in(Path(args.keep_folder).resolve() / "torch_compile_cache")  # as the node does, beside the files
-        keep_models = tuple(with_compile_and_keep(m, min_images=args.keep_min_images, max_shapes=4, folder=Path(args.keep_folder))
+        keep_models = tuple(with_compile_and_keep(m, min_images=args.keep_min_images, max_shapes=4, folder=Path(args.keep_folder),
+                                                  first_compile=args.keep_first_compile)
                             for m in (video_model, multiview_model))
     batch_sizes = BatchSizes()
     peak = PeakVram() if cuda else None
@@ -373,6 +380,18 @@ def main() -> None:
         started = time.perf_counter()
         run(path, per_call)  # warm-up (model loading, allocator, kernel selection, measuring chunk memory, compiling)
         warm_up = time.perf_counter() - started
+        if path == "keep" and args.keep_first_compile == "beside the run":
+            from mv4d.integration.patches.precompiled_unet import compiled_unets_of
+
+            wrappers = [wrapper for model in keep_models for wrapper in compiled_unets_of(model)]
+            beside = [{"step_seconds": round(warm_up, 2), "done_at": round(warm_up, 1), "compiled_shapes": 0}]
+            while any(w.jobs for w in wrappers) and time.perf_counter() - started < args.keep_beside_limit:  # until each compile is in
+                seconds = run(path, per_call)
+                beside.append({"step_seconds": round(seconds, 2), "done_at": round(time.perf_counter() - started, 1),
+                               "compiled_shapes": sum(len(w.calls) for w in wrappers)})
+                print(json.dumps({"keep_beside_step": beside[-1]}), file=sys.stderr, flush=True)
+            result["keep_beside_the_run"] = {"steps": beside, "events": keep_events(keep_models)}
+            warm_up = time.perf_counter() - started
         if path == "keep":  # before the timed steps, so a time limit still leaves it
             from torch._dynamo.utils import compilation_time_metrics
 

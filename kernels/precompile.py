@@ -15,6 +15,7 @@ inputs of the compiled graph), so one file serves every checkpoint of the archit
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -132,6 +133,16 @@ class CompiledCall:
     def accepts(self, module: torch.nn.Module, *arguments) -> bool:
         return bool(self.compiled.guard_check(module, *arguments))
 
+    def refusal(self, module: torch.nn.Module, *arguments) -> str:
+        """Which of the saved guards a call fails, in PyTorch's words (for the log; PyTorch's private API, so any
+        failure to say gives "not known")."""
+        try:
+            f_locals = self.compiled.prepare_f_locals(module, *arguments)
+            failed = self.compiled._artifacts.guard_manager.check_verbose(f_locals)
+            return "; ".join(str(part) for part in failed.verbose_code_parts) or "not known"
+        except Exception:
+            return "not known"
+
     def __call__(self, module: torch.nn.Module, *arguments):
         return self.compiled(module, *arguments)
 
@@ -165,6 +176,55 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def on_meta(value):
+    """A copy of `value` (a module, or arguments: tensors in lists, tuples and dicts) whose tensors are on the meta
+    device: shapes, dtypes and strides without the data, so a module of gigabytes pickles in kilobytes. Made by
+    deepcopy with every tensor mapped ahead, so no weight is ever copied."""
+    tensors = {}
+    if isinstance(value, torch.nn.Module):
+        tensors.update(value.named_parameters(remove_duplicate=False))
+        tensors.update(value.named_buffers(remove_duplicate=False))
+    else:
+        tensors.update(enumerate(tensors_in(value)))
+    memo = {}
+    for tensor in tensors.values():
+        meta = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+        memo[id(tensor)] = torch.nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else meta
+    return copy.deepcopy(value, memo)
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in tensors_in(item)]
+    if isinstance(value, dict):
+        return [tensor for item in value.values() for tensor in tensors_in(item)]
+    return []
+
+
+def on_device(value, device: torch.device, inference: list[bool] | None = None):
+    """`on_meta`'s copy made real on `device`: uninitialised tensors of the same shapes, dtypes and strides (what a
+    compile needs: its trace and kernels depend on those, not on the values). `inference`: for each tensor (in
+    `tensors_in` order) whether the original was an inference tensor, which the saved guards check (sampling makes
+    its tensors under inference mode)."""
+    flags = iter(inference or [])
+    return _on_device(value, device, flags)
+
+
+def _on_device(value, device, flags):
+    if isinstance(value, torch.nn.Module):
+        return value.to_empty(device=device)
+    if isinstance(value, torch.Tensor):
+        with torch.inference_mode(next(flags, False)):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_device(item, device, flags) for item in value)
+    if isinstance(value, dict):
+        return {name: _on_device(item, device, flags) for name, item in value.items()}
+    return value
 
 
 def keep_compile_caches_in(directory: Path) -> None:

@@ -12,7 +12,7 @@ from ..kernels.precompile import keep_compile_caches_in, precompile_missing_reas
 from ..integration import host
 from ..integration.patches.fp8_matmuls import with_fp8_matmuls
 from ..integration.patches.fused_elementwise import fused_module_count, with_fused_elementwise
-from ..integration.patches.precompiled_unet import (NODE as KEEP_NODE, compile_caches_folder, compiled_folder,
+from ..integration.patches.precompiled_unet import (NODE as KEEP_NODE, FIRST_COMPILE, compile_caches_folder, compiled_folder,
                                                     with_compile_and_keep)
 from ..integration.node_errors import input_error
 
@@ -95,7 +95,8 @@ class CompileAndKeepNode(io.ComfyNode):
             description="Optional speed-up, the same result up to rounding: each UNet call shape is compiled once by "
                         "torch.compile (inductor, whole UNet) and the compiled function is kept whole under ComfyUI's "
                         "user folder (user/mv4d/compiled_unets, PyTorch's caches beside it). The first run of a shape "
-                        "compiles it (about 1.5 minutes per UNet at the Diffusion² paper setting on an H200); later "
+                        "compiles it (about 1.5 minutes per UNet at the Diffusion² paper setting on an H200), by default in a "
+                        "process of its own while sampling starts uncompiled; later "
                         "runs, also after a restart, load it in seconds without tracing again. Weights are not in the "
                         "file, so any checkpoint of the same architecture reuses it. Calls with attention patches, "
                         "ControlNets, other model wrappers or low-VRAM loading run uncompiled. Fix the guider's videos_per_call / multiview_sets_per_call so shapes stay few. "
@@ -108,13 +109,19 @@ class CompileAndKeepNode(io.ComfyNode):
                 io.Int.Input("max_shapes", default=4, min=1, max=64,
                              tooltip="At most this many call shapes are compiled per model and run; calls of further "
                                      "shapes run uncompiled."),
+                io.Combo.Input("first_compile", options=list(FIRST_COMPILE), default="beside the run",
+                               tooltip="Where a shape's first compile runs. 'beside the run': in a process of its own "
+                                       "(the models' compiles side by side) while sampling starts at once uncompiled "
+                                       "and speeds up when the files are ready; it needs GPU room for a second copy "
+                                       "of the UNet's weights, else it compiles before the call. 'before the call': "
+                                       "the run waits for the compile."),
             ],
             outputs=[io.Model.Output("compiled_model", display_name="model",
                                      tooltip="The same model; its UNet calls run compiled while it samples.")],
         )
 
     @classmethod
-    def execute(cls, model, min_images, max_shapes) -> io.NodeOutput:
+    def execute(cls, model, min_images, max_shapes, first_compile) -> io.NodeOutput:
         reason = precompile_missing_reason() or inductor_missing_reason(host.compute_device())
         if reason:
             raise input_error(KEEP_NODE, "model", reason,
@@ -122,5 +129,6 @@ class CompileAndKeepNode(io.ComfyNode):
                               "node (Ctrl+B in the graph)")
         keep_compile_caches_in(compile_caches_folder())
         logging.info("%s: compiled UNets are kept in %s", KEEP_NODE, compiled_folder())
-        return io.NodeOutput(with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes))
+        return io.NodeOutput(with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes,
+                                                   first_compile=first_compile))
 

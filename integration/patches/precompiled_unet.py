@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +26,8 @@ import comfy.patcher_extension
 import folder_paths
 import torch
 
-from ...kernels.precompile import SIMPLE_ATTRIBUTES, CompiledCall, CompiledStore, CompileKey, build
+from ...kernels.precompile import SIMPLE_ATTRIBUTES, Built, CompiledCall, CompiledStore, CompileKey, build
+from ..compile_worker import log_tail, start_worker, write_job
 from ..multi_gpu import keep_clones_matched
 
 WRAPPER_KEY = "mv4d.compile_and_keep"
@@ -169,14 +173,147 @@ def default_rules(min_images: int) -> tuple[CallRule, ...]:
             LargeEnough(min_images))
 
 
-class CompiledUNet:
-    """The DIFFUSION_MODEL wrapper: a compiled call per call signature, from memory, from disk, or compiled now
-    (the first call of a shape waits for its compile: compiling on a thread while calls ran uncompiled was measured
-    and dropped, bench/RESULTS.md)."""
+class CompileJob:
+    """A first compile of one call shape: running, or finished with a file (`outcome` gives its cost) or an error
+    (`outcome` raises it)."""
 
-    def __init__(self, store: CompiledStore, rules: tuple[CallRule, ...], max_shapes: int):
-        self.store, self.rules, self.max_shapes = store, rules, max_shapes
+    def running(self) -> bool:
+        raise NotImplementedError
+
+    def outcome(self) -> Built:
+        raise NotImplementedError
+
+
+@dataclass
+class FinishedCompile(CompileJob):
+    built: Built | None = None
+    error: Exception | None = None
+
+    def running(self):
+        return False
+
+    def outcome(self):
+        if self.error is not None:
+            raise self.error
+        return self.built
+
+
+class WorkerCompile(CompileJob):
+    """A compile in a worker process (integration/compile_worker.py); its job folder goes when it has finished."""
+
+    def __init__(self, process: subprocess.Popen, job: Path, path: Path):
+        self.process, self.job, self.path, self.started = process, job, path, time.perf_counter()
+        self.finished: FinishedCompile | None = None
+
+    def running(self):
+        return self.finished is None and self.process.poll() is None
+
+    def outcome(self):
+        if self.finished is None:
+            code = self.process.wait()
+            seconds = time.perf_counter() - self.started
+            if code == 0 and self.path.exists():
+                self.finished = FinishedCompile(Built(seconds, self.path.stat().st_size))
+            else:
+                output = log_tail(self.job)
+                last = output.splitlines()[-1] if output else "no output"
+                self.finished = FinishedCompile(error=RuntimeError(f"the compile process exited with code {code}: {last}\n{output}"))
+            shutil.rmtree(self.job, ignore_errors=True)
+        return self.finished.outcome()
+
+
+class CompilePlacement:
+    """Where the first compile of a call shape runs. `begin` returns its job, or None when it cannot start now (the
+    call then runs uncompiled and the next call of the shape asks again)."""
+
+    def begin(self, call: UNetCall, path: Path) -> CompileJob | None:
+        raise NotImplementedError
+
+
+class CompileBeforeTheCall(CompilePlacement):
+    """In the sampling process, before the call goes on: the run waits for the compile."""
+
+    def begin(self, call, path):
+        logging.info("%s: compiling the UNet for calls of shape %s (once per shape and machine, minutes for a large "
+                     "UNet; kept in %s)", NODE, list(call.x.shape), path.parent)
+        try:
+            with COMPILE_LOCK:
+                return FinishedCompile(build(unet_forward, call.diffusion_model, call.arguments(), path))
+        except Exception as error:  # a graph break, an unsavable value, a compiler failure: eager, the run goes on
+            return FinishedCompile(error=error)
+
+
+# Worker compiles of this process by the file they write: a wrapper made again (the node run again while one
+# compiles) finds the compile under way instead of starting a second.
+WORKER_COMPILES: dict[Path, WorkerCompile] = {}
+
+
+@dataclass
+class CompileBesideTheRun(CompilePlacement):
+    """In a process of its own while sampling goes on uncompiled (two models' compiles side by side): the run starts
+    at once and gets faster when the files are ready. Falls back to compiling before the call where a worker cannot
+    rebuild the call (an attention function ComfyUI does not name) or the GPU has no room for a second copy of the
+    weights' layout (the worker compiles with uninitialised weights of that size)."""
+
+    max_workers: int = 2
+    before: CompilePlacement = dataclasses.field(default_factory=CompileBeforeTheCall)
+
+    def begin(self, call, path):
+        reason = self.fallback_reason(call)
+        if reason:
+            logging.info("%s: %s: compiling before the call instead of beside the run", NODE, reason)
+            return self.before.begin(call, path)
+        with COMPILE_LOCK:
+            if path in WORKER_COMPILES:
+                return WORKER_COMPILES[path]
+            if sum(compile.running() for compile in WORKER_COMPILES.values()) >= self.max_workers:
+                return None
+            try:
+                job = write_job(call.diffusion_model, call.arguments(), unet_forward, path, attention_functions())
+            except Exception as error:  # e.g. another node pack left a function on the model that does not pickle
+                unsendable = error
+            else:
+                unsendable = None
+                threads = max(1, (os.cpu_count() or 2) // self.max_workers)
+                WORKER_COMPILES[path] = WorkerCompile(start_worker(job, threads), job, path)
+        if unsendable is not None:
+            logging.info("%s: the call cannot be sent to a compile process (%s: %s): compiling before the call "
+                         "instead of beside the run", NODE, type(unsendable).__name__, unsendable)
+            return self.before.begin(call, path)
+        logging.info("%s: compiling the UNet for calls of shape %s beside the run (a process of its own; these calls "
+                     "run uncompiled until it is ready; kept in %s)", NODE, list(call.x.shape), path.parent)
+        return WORKER_COMPILES[path]
+
+    def fallback_reason(self, call) -> str | None:
+        missing = [name for name in attention_functions().values() if not hasattr(comfy_attention, name)]
+        if missing:
+            return f"the attention function {missing[0]} is not one of ComfyUI's"
+        device = call.x.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            weights = sum(tensor.numel() * tensor.element_size() for tensor in call.diffusion_model.state_dict().values())
+            if free < weights + 2**30:
+                return f"{free / 2**30:.1f} GiB free on the GPU, less than the worker's {weights / 2**30 + 1:.1f} GiB"
+        return None
+
+
+def attention_functions() -> dict[str, str]:
+    """The attention functions ComfyUI's UNets call, by name (part of the key, and what a worker selects)."""
+    return {name: getattr(getattr(comfy_attention, name), "__name__", "?")
+            for name in ("optimized_attention", "optimized_attention_masked")}
+
+
+FIRST_COMPILE = {"beside the run": CompileBesideTheRun, "before the call": CompileBeforeTheCall}
+
+
+class CompiledUNet:
+    """The DIFFUSION_MODEL wrapper: a compiled call per call signature, from memory, from disk, or compiled now by
+    its placement (beside the run, or before the call)."""
+
+    def __init__(self, store: CompiledStore, rules: tuple[CallRule, ...], max_shapes: int, placement: CompilePlacement):
+        self.store, self.rules, self.max_shapes, self.placement = store, rules, max_shapes, placement
         self.calls: dict[str, CompiledCall] = {}  # key digest -> loaded compiled call
+        self.jobs: dict[str, CompileJob] = {}  # key digest -> its compile, while it runs
         self.refused: dict[str, str] = {}  # key digest -> why it runs eagerly (a compile that failed)
         self.logged: set[str] = set()
         self.events: list[dict] = []  # what was compiled and loaded, with seconds (for the log and the benchmarks)
@@ -200,7 +337,8 @@ class CompiledUNet:
         if compiled is None or not compiled.accepts(call.diffusion_model, *call.arguments()):
             if compiled is not None:
                 self.log_once(f"guards {key.digest}", "%s: the compiled code for shape %s does not accept this call "
-                              "(its tensors' layout differs); it runs uncompiled", NODE, list(call.x.shape))
+                              "(%s); it runs uncompiled", NODE, list(call.x.shape),
+                              compiled.refusal(call.diffusion_model, *call.arguments()))
             return None
         return compiled
 
@@ -208,24 +346,45 @@ class CompiledUNet:
         if key.digest in self.refused:
             return None
         path = self.store.path(key)
-        if path.exists():
-            try:
-                return self.load(path, key, call)
-            except Exception as error:  # e.g. a file cut short by a full disk: say which, and go on uncompiled
-                self.refused[key.digest] = str(error)
-                logging.warning("%s: could not load %s (%s: %s); calls of shape %s run uncompiled; delete the file "
-                                "to compile it again", NODE, path, type(error).__name__, error, list(call.x.shape))
+        job = self.jobs.get(key.digest)
+        if job is None and path.exists():
+            return self.load(path, key, call)
+        if job is None:
+            if len(self.calls) + len(self.jobs) >= self.max_shapes:
+                self.log_once("max", "%s: %d call shapes already compiled (max_shapes): a new shape (%s) runs "
+                              "uncompiled; fix videos_per_call / multiview_sets_per_call of the guider to keep shapes "
+                              "few", NODE, self.max_shapes, list(call.x.shape))
                 return None
-        if len(self.calls) >= self.max_shapes:
-            self.log_once("max", "%s: %d call shapes already compiled (max_shapes): a new shape (%s) runs uncompiled; "
-                          "fix videos_per_call / multiview_sets_per_call of the guider to keep shapes few", NODE,
-                          self.max_shapes, list(call.x.shape))
+            if self.store.directory.is_dir():
+                self.store.remove_stale_partials()
+            job = self.placement.begin(call, path)
+            if job is None:
+                return None
+            self.jobs[key.digest] = job
+        if job.running():
             return None
-        return self.load(path, key, call) if self.compile(call, path, key) else None
+        del self.jobs[key.digest]
+        try:
+            built = job.outcome()
+        except Exception as error:
+            self.refused[key.digest] = str(error)
+            logging.warning("%s: could not compile calls of shape %s (%s: %s); they run uncompiled", NODE,
+                            list(call.x.shape), type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            return None
+        self.events.append({"compiled": path.name, "shape": list(call.x.shape), "seconds": round(built.seconds, 1),
+                            "megabytes": round(built.bytes_written / 2**20, 1)})
+        logging.info("%s: compiled in %.1f s (%.1f MB kept)", NODE, built.seconds, built.bytes_written / 2**20)
+        return self.load(path, key, call)
 
-    def load(self, path: Path, key: CompileKey, call: UNetCall) -> CompiledCall:
+    def load(self, path: Path, key: CompileKey, call: UNetCall) -> CompiledCall | None:
         started = time.perf_counter()
-        compiled = CompiledCall.load(path)
+        try:
+            compiled = CompiledCall.load(path)
+        except Exception as error:  # e.g. a file cut short by a full disk: say which, and go on uncompiled
+            self.refused[key.digest] = str(error)
+            logging.warning("%s: could not load %s (%s: %s); calls of shape %s run uncompiled; delete the file "
+                            "to compile it again", NODE, path, type(error).__name__, error, list(call.x.shape))
+            return None
         seconds = time.perf_counter() - started
         self.events.append({"loaded": path.name, "shape": list(call.x.shape), "seconds": round(seconds, 2)})
         logging.info("%s: loaded %s in %.1f s", NODE, path.name, seconds)
@@ -234,27 +393,7 @@ class CompiledUNet:
 
     def key(self, call: UNetCall) -> CompileKey:
         return CompileKey.of(call.diffusion_model, call.tensors(), call_device=str(call.x.device),
-                             static_kwargs=repr(call.static_kwargs()),
-                             attention=getattr(comfy_attention.optimized_attention, "__name__", "?"))
-
-    def compile(self, call: UNetCall, path: Path, key: CompileKey) -> bool:
-        """Compile and keep one call shape; False (and the shape runs uncompiled from then on) if it fails."""
-        logging.info("%s: compiling the UNet for calls of shape %s (once per shape and machine, minutes for a large "
-                     "UNet; kept in %s)", NODE, list(call.x.shape), path.parent)
-        if self.store.directory.is_dir():
-            self.store.remove_stale_partials()
-        try:
-            with COMPILE_LOCK:
-                built = build(unet_forward, call.diffusion_model, call.arguments(), path)
-        except Exception as error:  # a graph break, an unsavable value, a compiler failure: eager, the run goes on
-            self.refused[key.digest] = str(error)
-            logging.warning("%s: could not compile calls of shape %s (%s: %s); they run uncompiled", NODE,
-                            list(call.x.shape), type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-            return False
-        self.events.append({"compiled": path.name, "shape": list(call.x.shape), "seconds": round(built.seconds, 1),
-                            "megabytes": round(built.bytes_written / 2**20, 1)})
-        logging.info("%s: compiled in %.1f s (%.1f MB kept)", NODE, built.seconds, built.bytes_written / 2**20)
-        return True
+                             static_kwargs=repr(call.static_kwargs()), attention=attention_functions()["optimized_attention"])
 
     def log_once(self, topic: str, message: str, *args) -> None:
         if topic not in self.logged:
@@ -262,10 +401,13 @@ class CompiledUNet:
             logging.info(message, *args)
 
 
-def with_compile_and_keep(model, min_images: int, max_shapes: int, folder: Path | None = None):
-    """A clone of the ModelPatcher whose UNet calls run compiled (and kept on disk) where the rules allow."""
+def with_compile_and_keep(model, min_images: int, max_shapes: int, folder: Path | None = None,
+                          first_compile: str = "beside the run"):
+    """A clone of the ModelPatcher whose UNet calls run compiled (and kept on disk) where the rules allow; the first
+    compile of a shape runs where `first_compile` (a key of FIRST_COMPILE) says."""
     patched = model.clone()
-    wrapper = CompiledUNet(CompiledStore(folder or compiled_folder()), default_rules(min_images), max_shapes)
+    wrapper = CompiledUNet(CompiledStore(folder or compiled_folder()), default_rules(min_images), max_shapes,
+                           FIRST_COMPILE[first_compile]())
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
     keep_clones_matched(patched)

@@ -4,6 +4,8 @@ grid of the path without them within bf16 tolerance."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from test_gpu_composition import guider_module, tiny_grid_setup  # noqa: F401
@@ -51,7 +53,8 @@ def test_compile_and_keep_gives_the_same_grid_in_bf16_and_loads_from_disk(guider
 
     video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
     grids, runs = [], []
-    for wrap in (lambda m: m, *[lambda m: with_compile_and_keep(m, min_images=1, max_shapes=4, folder=tmp_path)] * 2):
+    for wrap in (lambda m: m, *[lambda m: with_compile_and_keep(m, min_images=1, max_shapes=4, folder=tmp_path,
+                                                                first_compile="before the call")] * 2):
         models = (wrap(video), wrap(multiview))
         grids.append(composed_grid(guider_module, models, conditioning, noise, sigmas, guider_module.GuiderSettings()))
         runs.append([event for model in models for wrapper in compiled_unets_of(model) for event in wrapper.events])
@@ -59,3 +62,31 @@ def test_compile_and_keep_gives_the_same_grid_in_bf16_and_loads_from_disk(guider
     assert_same_within_bf16(grids[0], grids[1], "compile and keep vs eager")
     assert any("compiled" in event for event in runs[1]) and runs[2] and not any("compiled" in event for event in runs[2])
     assert torch.equal(grids[2], grids[1])  # the loaded code is the compiled code
+
+
+def test_compile_and_keep_beside_the_run_compiles_in_worker_processes(guider_module, tmp_path, caplog):  # noqa: F811
+    """The first compiles in processes of their own on the GPU: the first grid is sampled meanwhile (uncompiled),
+    the workers save one file per model, and a second sampling loads them and gives the compiled grid."""
+    import time
+
+    from mv4d.integration.patches.precompiled_unet import compiled_unets_of, with_compile_and_keep
+
+    video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
+    eager = composed_grid(guider_module, (video, multiview), conditioning, noise, sigmas, guider_module.GuiderSettings())
+    models = tuple(with_compile_and_keep(m, min_images=1, max_shapes=4, folder=tmp_path, first_compile="beside the run")
+                   for m in (video, multiview))
+    wrappers = [wrapper for model in models for wrapper in compiled_unets_of(model)]
+    first = composed_grid(guider_module, models, conditioning, noise, sigmas, guider_module.GuiderSettings())
+    deadline = time.monotonic() + 400
+    while any(job.running() for wrapper in wrappers for job in wrapper.jobs.values()):
+        assert time.monotonic() < deadline, "the compile processes did not finish"
+        time.sleep(1.0)
+    with caplog.at_level(logging.INFO):
+        second = composed_grid(guider_module, models, conditioning, noise, sigmas, guider_module.GuiderSettings())
+    events = [event for wrapper in wrappers for event in wrapper.events]
+    print(f"beside the run: {events}")
+    assert sum("compiled" in event for event in events) == 2 and sum("loaded" in event for event in events) == 2
+    assert len(list(tmp_path.glob("*.compiled"))) == 2
+    assert "does not accept" not in caplog.text, caplog.text  # the workers' code runs in this process
+    assert_same_within_bf16(eager, first, "sampled while compiling vs eager")
+    assert_same_within_bf16(eager, second, "compiled by the workers vs eager")

@@ -13,11 +13,13 @@ attention, can, so these tests select it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +67,9 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("compiled_unets")
 
 
-def compiled(keep, model, folder, min_images=1, max_shapes=4):
-    return keep.with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes, folder=folder)
+def compiled(keep, model, folder, min_images=1, max_shapes=4, first_compile="before the call"):
+    return keep.with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes, folder=folder,
+                                      first_compile=first_compile)
 
 
 @pytest.fixture
@@ -75,7 +78,8 @@ def no_compiles(keep, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a UNet call was compiled")
 
-    monkeypatch.setattr(keep.CompiledUNet, "compile", refuse)
+    for placement in keep.FIRST_COMPILE.values():
+        monkeypatch.setattr(placement, "begin", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,8 @@ def test_a_fresh_process_loads_the_file_and_traces_nothing(keep, folder, first_c
         from test_host_exact_savings import svd_inputs
         from test_host_compile_and_keep import unet_call
         from mv4d.integration.patches.precompiled_unet import compiled_unets_of, with_compile_and_keep
-        model = with_compile_and_keep(svd_family_unet("svd", seed=0), min_images=1, max_shapes=4, folder={str(folder)!r})
+        model = with_compile_and_keep(svd_family_unet("svd", seed=0), min_images=1, max_shapes=4, folder={str(folder)!r},
+                                      first_compile="before the call")
         x, context, conds = svd_inputs()
         torch.save(unet_call(model, x, context, **conds), sys.argv[1])
         print("EVENTS", compiled_unets_of(model)[0].events, "FRAMES", counters["stats"]["unique_graphs"])
@@ -193,6 +198,70 @@ def test_a_call_that_cannot_be_compiled_runs_uncompiled_and_leaves_nothing(keep,
     assert list(tmp_path.iterdir()) == []
 
 
+def wait_for_compiles(wrapper, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while any(job.running() for job in wrapper.jobs.values()):
+        assert time.monotonic() < deadline, "the compile process did not finish"
+        time.sleep(0.5)
+
+
+def test_beside_the_run_calls_run_uncompiled_until_a_worker_process_has_compiled(keep, tmp_path, caplog):
+    """The first call starts a compile in a process of its own and runs eagerly (bit for bit the UNet's own
+    prediction); once that process has saved the file, the next call loads it and runs compiled, and this process
+    traced nothing."""
+    from torch._dynamo.utils import counters
+
+    model = svd_family_unet("svd", seed=0)
+    with torch.inference_mode():  # as ComfyUI samples: inference tensors, which the saved guards check
+        x, context, conds = svd_inputs()
+    eager = unet_call(model, x, context, **conds)
+    wrapped = compiled(keep, model, tmp_path, first_compile="beside the run")
+    (wrapper,) = keep.compiled_unets_of(wrapped)
+    frames = counters["stats"]["unique_graphs"]
+    with caplog.at_level(logging.INFO), torch.inference_mode():
+        first = unet_call(wrapped, x, context, **conds)
+        assert torch.equal(first, eager) and wrapper.jobs and not wrapper.calls
+        job_folder = next(iter(wrapper.jobs.values())).job
+        wait_for_compiles(wrapper)
+        second = unet_call(wrapped, x, context, **conds)
+    print(f"\nbeside the run: {wrapper.events}; compiled vs eager {relative(second, eager):.2e}")
+    assert "beside the run" in caplog.text and "does not accept" not in caplog.text  # the worker's code runs here
+    assert [list(event)[0] for event in wrapper.events] == ["compiled", "loaded"]
+    assert relative(second, eager) <= TOLERANCE
+    assert counters["stats"]["unique_graphs"] == frames  # the compile was the worker's
+    assert [path.suffix for path in tmp_path.iterdir()] == [".compiled"]
+    assert not job_folder.exists()  # the job's folder went with it
+
+
+def test_a_worker_that_fails_leaves_the_calls_uncompiled_with_its_reason(keep, tmp_path, monkeypatch, caplog):
+    """A worker that cannot rebuild the module (here: told another fingerprint) exits with its reason; the calls
+    stay eager, one warning says why, and no file is left."""
+    import mv4d.integration.compile_worker as compile_worker
+
+    write_job = compile_worker.write_job
+
+    def with_wrong_fingerprint(*args, **kwargs):
+        job = write_job(*args, **kwargs)
+        header = json.loads((job / compile_worker.HEADER).read_text())
+        (job / compile_worker.HEADER).write_text(json.dumps({**header, "fingerprint": "another"}))
+        return job
+
+    monkeypatch.setattr(keep, "write_job", with_wrong_fingerprint)
+    model = svd_family_unet("svd", seed=0)
+    x, context, conds = svd_inputs()
+    wrapped = compiled(keep, model, tmp_path, first_compile="beside the run")
+    (wrapper,) = keep.compiled_unets_of(wrapped)
+    with caplog.at_level(logging.WARNING):
+        first = unet_call(wrapped, x, context, **conds)
+        job_folder = next(iter(wrapper.jobs.values())).job
+        wait_for_compiles(wrapper)
+        second = unet_call(wrapped, x, context, **conds)
+    eager = unet_call(model, x, context, **conds)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert caplog.text.count("could not compile") == 1 and "differs from the one sent" in caplog.text
+    assert list(tmp_path.iterdir()) == [] and not job_folder.exists()
+
+
 def test_a_failed_save_leaves_no_file(comfy, tmp_path, monkeypatch):
     from torch._dynamo.aot_compile import AOTCompiledFunction
 
@@ -230,12 +299,14 @@ def test_the_node_keeps_files_and_compile_caches_in_comfyuis_user_folder(keep, m
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as inductor sets it; restored afterwards
-    wrapped = run_node(mv4d_nodes.CompileAndKeepNode, model=models["svd"][0], min_images=64, max_shapes=2).result[0]
+    wrapped = run_node(mv4d_nodes.CompileAndKeepNode, model=models["svd"][0], min_images=64, max_shapes=2,
+                       first_compile="beside the run").result[0]
     (wrapper,) = keep.compiled_unets_of(wrapped)
+    assert isinstance(wrapper.placement, keep.CompileBesideTheRun)
     user = Path(folder_paths.get_user_directory())
     assert wrapper.store.directory.is_relative_to(user)
     assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(user)
     assert wrapper.max_shapes == 2 and not keep.compiled_unets_of(models["svd"][0])  # the loader's model is untouched
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/the/user/chose")
-    run_node(mv4d_nodes.CompileAndKeepNode, model=models["svd"][0], min_images=64, max_shapes=2)
+    run_node(mv4d_nodes.CompileAndKeepNode, model=models["svd"][0], min_images=64, max_shapes=2, first_compile="before the call")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/the/user/chose"
