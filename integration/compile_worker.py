@@ -95,6 +95,9 @@ def run_job(job: Path) -> None:
     with mode:
         built = build(function, module, arguments, Path(header["path"]))
     print(json.dumps({"compiled_seconds": round(built.seconds, 1), "bytes": built.bytes_written}), flush=True)
+    # the file is what the sampling process needs; the job goes now, also if that process has ended meanwhile
+    # (a failed job stays for the sampling process to read its log, and goes when it has)
+    shutil.rmtree(job, ignore_errors=True)
 
 
 def main(job: Path) -> None:
