@@ -62,10 +62,13 @@ def write_job(module, arguments: tuple, function, path: Path, attention: dict[st
 def start_worker(job: Path, compile_threads: int) -> subprocess.Popen:
     """The worker process, at a lower CPU priority than sampling, its output in the job folder."""
     environment = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(compile_threads))
+    if os.name == "posix":
+        priority = {"preexec_fn": lambda: os.nice(5)}
+    else:  # Windows has no preexec_fn; its priority class says the same
+        priority = {"creationflags": getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0)}
     with open(job / LOG, "wb") as log:
         return subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve()), str(job)], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
-                                preexec_fn=lambda: os.nice(5) if hasattr(os, "nice") else None)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, **priority)
 
 
 def log_tail(job: Path, lines: int = 12) -> str:

@@ -268,14 +268,16 @@ class CompileBesideTheRun(CompilePlacement):
                 return WORKER_COMPILES[path]
             if sum(compile.running() for compile in WORKER_COMPILES.values()) >= self.max_workers:
                 return None
+            threads = max(1, (os.cpu_count() or 2) // self.max_workers)
+            job = None
             try:
                 job = write_job(call.diffusion_model, call.arguments(), unet_forward, path, attention_functions())
+                WORKER_COMPILES[path] = WorkerCompile(start_worker(job, threads), job, path)
+                unsendable = None
             except Exception as error:  # e.g. another node pack left a function on the model that does not pickle
                 unsendable = error
-            else:
-                unsendable = None
-                threads = max(1, (os.cpu_count() or 2) // self.max_workers)
-                WORKER_COMPILES[path] = WorkerCompile(start_worker(job, threads), job, path)
+                if job is not None:
+                    shutil.rmtree(job, ignore_errors=True)
         if unsendable is not None:
             logging.info("%s: the call cannot be sent to a compile process (%s: %s): compiling before the call "
                          "instead of beside the run", NODE, type(unsendable).__name__, unsendable)

@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -260,6 +261,22 @@ def test_a_worker_that_fails_leaves_the_calls_uncompiled_with_its_reason(keep, t
     assert torch.equal(first, eager) and torch.equal(second, eager)
     assert caplog.text.count("could not compile") == 1 and "differs from the one sent" in caplog.text
     assert list(tmp_path.iterdir()) == [] and not job_folder.exists()
+
+
+def test_a_call_that_cannot_be_sent_to_a_compile_process_compiles_before_the_call(keep, tmp_path, monkeypatch, caplog):
+    """Something on the model that does not pickle (here: a function left on the UNet, as a timing hook would be):
+    the shape goes to the compile before the call instead (stubbed here: nothing compiles), with a line saying why."""
+    model = svd_family_unet("svd", seed=0)
+    model.model.diffusion_model.hook = lambda: None  # a local function: pickle refuses it
+    x, context, conds = svd_inputs()
+    started = []
+    monkeypatch.setattr(keep.CompileBeforeTheCall, "begin", lambda self, call, path: started.append(path))
+    jobs_before = set(Path(tempfile.gettempdir()).glob("mv4d-compile-*"))
+    with caplog.at_level(logging.INFO):
+        result = unet_call(compiled(keep, model, tmp_path, first_compile="beside the run"), x, context, **conds)
+    assert "cannot be sent to a compile process" in caplog.text and len(started) == 1
+    assert torch.equal(result, unet_call(model, x, context, **conds))  # no compile came of it: the UNet as before
+    assert set(Path(tempfile.gettempdir()).glob("mv4d-compile-*")) == jobs_before  # no job folder left behind
 
 
 def test_a_failed_save_leaves_no_file(comfy, tmp_path, monkeypatch):
