@@ -44,7 +44,7 @@ def write_job(module, arguments: tuple, function, path: Path, attention: dict[st
         "sys_path": [entry for entry in sys.path if entry], "package": package,
         "package_folder": str(Path(sys.modules[package].__file__).parent),
         "function": [function.__module__, function.__qualname__], "path": str(path),
-        "device": str(next(iter(tensor for tensor in arguments if isinstance(tensor, torch.Tensor))).device),
+        "device": str(tensors_in(arguments)[0].device),
         "autograd": autograd_state(), "fingerprint": module_fingerprint(module), "attention": attention,
         "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
     }

@@ -182,14 +182,9 @@ def on_meta(value):
     """A copy of `value` (a module, or arguments: tensors in lists, tuples and dicts) whose tensors are on the meta
     device: shapes, dtypes and strides without the data, so a module of gigabytes pickles in kilobytes. Made by
     deepcopy with every tensor mapped ahead, so no weight is ever copied."""
-    tensors = {}
-    if isinstance(value, torch.nn.Module):
-        tensors.update(value.named_parameters(remove_duplicate=False))
-        tensors.update(value.named_buffers(remove_duplicate=False))
-    else:
-        tensors.update(enumerate(tensors_in(value)))
+    module = isinstance(value, torch.nn.Module)
     memo = {}
-    for tensor in tensors.values():
+    for tensor in [*value.parameters(), *value.buffers()] if module else tensors_in(value):
         meta = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
         memo[id(tensor)] = torch.nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else meta
     return copy.deepcopy(value, memo)

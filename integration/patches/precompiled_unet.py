@@ -337,7 +337,7 @@ class CompiledUNet:
         with self.lock:
             compiled = self.calls.get(key.digest) or self.load_or_compile(call, key)
         if compiled is None or not compiled.accepts(call.diffusion_model, *call.arguments()):
-            if compiled is not None:
+            if compiled is not None and f"guards {key.digest}" not in self.logged:  # the reason costs a guard walk
                 self.log_once(f"guards {key.digest}", "%s: the compiled code for shape %s does not accept this call "
                               "(%s); it runs uncompiled", NODE, list(call.x.shape),
                               compiled.refusal(call.diffusion_model, *call.arguments()))
