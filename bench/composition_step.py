@@ -271,12 +271,16 @@ def main() -> None:
                         help="path keep: first_compile of the node; 'beside the run' times every step until the "
                              "compiles are in (at most --keep-beside-limit seconds)")
     parser.add_argument("--keep-beside-limit", type=float, default=420.0)
+    parser.add_argument("--keep-without-compile-passes", action="store_true",
+                        help="path keep: compile without kernels/compile_passes.py (the code before them, for a side-by-side "
+                             "figure; in-process compiles only, so use it with --keep-first-compile 'before the call')")
     parser.add_argument("--per-call", default="0,0",
                         help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
     parser.add_argument("--decode", action="store_true",
                         help="also time decoding one row (all frames) with SVD's real-size temporal VAE decoder")
     parser.add_argument("--profile", action="store_true",
                         help="profile one step (torch.profiler): top kernels to stderr, time shares by kernel kind in the JSON")
+    parser.add_argument("--profile-rows", type=int, default=25, help="with --profile: how many kernels the table lists")
     parser.add_argument("--profile-ops", action="store_true", help="with --profile: also the top operators with the lines that call them")
     parser.add_argument("--profile-path", default="fast", help="the paths (comma-separated) whose step --profile profiles")
     parser.add_argument("--cudnn-benchmark", action="store_true",
@@ -341,6 +345,10 @@ def main() -> None:
         from mv4d.kernels.precompile import keep_compile_caches_in
 
         keep_compile_caches_in(Path(args.keep_folder).resolve() / "torch_compile_cache")  # as the node does, beside the files
+        if args.keep_without_compile_passes:
+            import mv4d.kernels.compile_passes
+
+            mv4d.kernels.compile_passes.inductor_options = lambda: {}
         keep_models = tuple(with_compile_and_keep(m, min_images=args.keep_min_images, max_shapes=4, folder=Path(args.keep_folder),
                                                   first_compile=args.keep_first_compile)
                             for m in (video_model, multiview_model))
@@ -444,7 +452,7 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as recorder:
                 run(path, per_call)
             events = recorder.key_averages()
-            print(f"== {path}\n" + events.table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+            print(f"== {path}\n" + events.table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=110), file=sys.stderr)
             entry["kernel_time_shares"] = kernel_time_shares(events)
             if args.profile_ops:  # which PyTorch operators, called from which line, take the kernel time
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as recorder:

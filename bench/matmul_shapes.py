@@ -197,6 +197,13 @@ def time_conv3d(shape, images: int, frames: int, repeats: int) -> dict:
             key = layout + ("_benchmark" if benchmark else "")
             result[key] = gpu_seconds(lambda xl=xl, wl=wl: F.conv3d(xl, wl, None, 1, (1, 0, 0)), repeats)
     torch.backends.cudnn.benchmark = False
+    # the same as a 2-d convolution over (frames, h w) with kernel (3, 1), in the channels-last layout inductor
+    # gives 2-d convolutions (tried first for kernels/compile_passes.py: slower than NDHWC)
+    x_image = x.reshape(videos, c_in, frames, h * w).contiguous(memory_format=torch.channels_last)
+    w_image = weight.reshape(c_out, c_in, 3, 1).contiguous(memory_format=torch.channels_last)
+    result["image_conv_nhwc"] = gpu_seconds(lambda: F.conv2d(x_image, w_image, None, 1, (1, 0)), repeats)
+    image_conv = F.conv2d(x_image, w_image, None, 1, (1, 0)).reshape(videos, c_out, frames, h, w)
+    result["image_conv_max_abs_difference"] = (image_conv.float() - F.conv3d(x, weight, None, 1, (1, 0, 0)).float()).abs().max().item()
 
     # (videos, frames * h * w, c): frame t's rows are [t * hw, (t + 1) * hw); the product of tap k reads frame t + k - 1
     rows = h * w
@@ -222,6 +229,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=25)
     parser.add_argument("--per-call", default="7,5", help="videos per SVD call, multi-view sets per SV3D call")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kinds", default="linear,conv2d,conv3d", help="which layer kinds to time")
     parser.add_argument("--autotune-seconds", type=float, default=300.0,
                         help="time budget for compiling max-autotune linears (0: skip that column)")
     args = parser.parse_args()
@@ -239,6 +247,8 @@ def main() -> None:
         # the largest shapes first, so the autotune budget goes where the FLOPs are
         ordered = sorted(counts.items(), key=lambda item: -flops_of(item[0], images, frames) * item[1])
         for shape, per_call in ordered:
+            if shape[0] not in args.kinds.split(","):
+                continue
             flops = flops_of(shape, images, frames)
             if shape[0] == "linear":
                 times = time_linear(shape, images, args.repeats, autotuner)
@@ -260,7 +270,7 @@ def main() -> None:
             shapes_out.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             torch.cuda.empty_cache()
-        if kind == "svd":
+        if kind == "svd" and "linear" in args.kinds.split(","):
             for tokens, channels in ((latent * latent, 320), ((latent // 2) ** 2, 640), ((latent // 4) ** 2, 1280)):
                 fused = time_fused_qkv(tokens, channels, images, args.repeats)
                 print(json.dumps({"model": kind, "fused_qkv": [tokens, channels], **fused}), file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ left out: ComfyUI's operation classes cannot be saved in a guard, and thousands 
 The module is covered instead by `module_fingerprint`, part of the key that names the file, so a file is only ever
 loaded for a module of the same structure. The module's weights are read from the module at each call (they are
 inputs of the compiled graph), so one file serves every checkpoint of the architecture and weight patches reach it.
+Inductor compiles with the graph passes of `compile_passes.py` (exact layout choices it does not make by itself).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from typing import Callable, Sequence
 
 import torch
 
-FORMAT = 1  # part of every key: bump when what is compiled changes, so old files are not loaded
+from . import compile_passes
+
+FORMAT = 2  # part of every key: bump when what is compiled changes, so old files are not loaded (2: compile_passes)
 SIMPLE_ATTRIBUTES = (bool, int, float, str, type(None))
 MODULE_ARGUMENT = "module"  # the compiled function's first parameter: guards rooted there are left out
 
@@ -107,7 +110,7 @@ def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path
         # dynamic=False: one function is compiled for every model and shape, and Dynamo would otherwise take the
         # second shape it sees as a sign to compile for symbolic shapes (slower code, and minutes more to compile)
         compiler = torch.compile(function, fullgraph=True, dynamic=False,
-                                 options={"guard_filter_fn": call_guards_only})
+                                 options={"guard_filter_fn": call_guards_only, **compile_passes.inductor_options()})
     compiled = compiler.aot_compile(((module, *arguments), {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")

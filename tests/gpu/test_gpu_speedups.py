@@ -90,3 +90,29 @@ def test_compile_and_keep_beside_the_run_compiles_in_worker_processes(guider_mod
     assert "does not accept" not in caplog.text, caplog.text  # the workers' code runs in this process
     assert_same_within_bf16(eager, first, "sampled while compiling vs eager")
     assert_same_within_bf16(eager, second, "compiled by the workers vs eager")
+
+
+def test_temporal_convolutions_compile_in_channels_last_3d_in_bf16():
+    """kernels/compile_passes.py on the GPU: a spatial 3x3 convolution (so inductor picks channels-last), then a
+    video UNet's temporal (3, 1, 1) convolution; compiled with the pass it gives eager's numbers within bf16."""
+    import torch.nn.functional as F
+
+    from mv4d.kernels.compile_passes import inductor_options
+
+    def video_block(x, spatial, temporal, frames: int):
+        y = F.conv2d(x, spatial, None, padding=1)
+        videos = y.shape[0] // frames
+        y = y.view(videos, frames, *y.shape[1:]).permute(0, 2, 1, 3, 4)  # (b t) c h w -> b c t h w, as ComfyUI does
+        y = F.conv3d(torch.nn.functional.silu(y), temporal, None, padding=(1, 0, 0))
+        return y.permute(0, 2, 1, 3, 4).reshape(x.shape[0], -1, *x.shape[2:])
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2 * 5, 64, 16, 16, device="cuda", dtype=torch.bfloat16, generator=generator)
+    spatial = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.bfloat16, generator=generator) / 24
+    temporal = torch.randn(64, 64, 3, 1, 1, device="cuda", dtype=torch.bfloat16, generator=generator) / 14
+    options = inductor_options()
+    compiled = torch.compile(video_block, options={**options, "fx_graph_cache": False})
+    with torch.inference_mode():
+        result, expected = compiled(x, spatial, temporal, 5).float(), video_block(x, spatial, temporal, 5).float()
+    assert options["post_grad_custom_pre_pass"].rewritten == 1
+    assert_same_within_bf16(expected, result, "temporal convolution in channels_last_3d")
