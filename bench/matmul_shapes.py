@@ -12,7 +12,8 @@ or kernel choice that gives the same numbers would be faster, without compiling 
       cuBLAS; `--autotune-seconds` bounds the time spent compiling them), and the three self-attention input
       projections as one product (q, k, v weights concatenated);
       convolutions: NCHW as the UNets run them, channels-last, each with and without cudnn.benchmark; the
-      temporal (3, 1, 1) convolutions also as three batched matrix products on a (b, t, h w, c) layout;
+      temporal (3, 1, 1) convolutions also as a 2-d (3, 1) convolution over (t, h w) and as three batched
+      matrix products on a (b, t, h w, c) layout;
   - the step's time per option is the sum over shapes of calls x seconds (SVD: 3 calls, SV3D_p: 5 per step).
 
     python -P bench/matmul_shapes.py                       # paper setting, CUDA
@@ -46,19 +47,10 @@ def meta_unet(kind: str):
 
     comfy.cli_args.args.cpu = not torch.cuda.is_available()  # only meta tensors are made here
     import comfy.ldm.modules.attention as attention
-    import comfy.supported_models
-    from mv4d_tiny_models import REAL_SIZE
+    from mv4d_tiny_models import REAL_SIZE, svd_family_config
 
     attention.optimized_attention = attention.attention_pytorch  # the others query free memory, which meta lacks
-    config_class = {"svd": comfy.supported_models.SVD_img2vid, "sv3d_p": comfy.supported_models.SV3D_p}[kind]
-    unet_config = dict(config_class.unet_config)
-    unet_config.update(REAL_SIZE)
-    unet_config.update(image_size=32, out_channels=4, use_spatial_transformer=True, extra_ff_mix_layer=True,
-                       use_spatial_context=True, merge_strategy="learned_with_images", merge_factor=0.0,
-                       video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False,
-                       max_ddpm_temb_period=10000, num_classes="sequential")
-    config = config_class(unet_config)
-    config.unet_config["num_head_channels"] = REAL_SIZE["num_head_channels"]
+    config = svd_family_config(kind, REAL_SIZE)
     with torch.device("meta"):
         model = config.get_model({}, device=torch.device("meta"))
     return model.diffusion_model, model.adm_channels
@@ -165,38 +157,38 @@ def time_fused_qkv(tokens: int, channels: int, images: int, repeats: int) -> dic
     return {"three": separate, "one": fused, "max_abs_difference": error}
 
 
+def cudnn_layouts(convolution, x, weight, layouts: dict, repeats: int) -> dict:
+    """Seconds of `convolution(x, weight)` per layout name -> memory format, with and without cudnn.benchmark."""
+    result = {}
+    for layout, memory_format in layouts.items():
+        xl, wl = x.contiguous(memory_format=memory_format), weight.contiguous(memory_format=memory_format)
+        for benchmark in (False, True):
+            torch.backends.cudnn.benchmark = benchmark
+            key = layout + ("_benchmark" if benchmark else "")
+            result[key] = gpu_seconds(lambda xl=xl, wl=wl: convolution(xl, wl), repeats)
+    torch.backends.cudnn.benchmark = False
+    return result
+
+
 def time_conv2d(shape, images: int, repeats: int) -> dict:
     _, c_in, h, w, c_out, kernel, stride = shape
     device, dtype = torch.device("cuda"), torch.bfloat16
     x = torch.randn(images, c_in, h, w, device=device, dtype=dtype)
     weight = torch.randn(c_out, c_in, kernel, kernel, device=device, dtype=dtype) / (c_in * kernel * kernel) ** 0.5
-    padding = kernel // 2
-    result = {}
-    for layout, memory_format in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
-        xl, wl = x.contiguous(memory_format=memory_format), weight.contiguous(memory_format=memory_format)
-        for benchmark in (False, True):
-            torch.backends.cudnn.benchmark = benchmark
-            key = layout + ("_benchmark" if benchmark else "")
-            result[key] = gpu_seconds(lambda xl=xl, wl=wl: F.conv2d(xl, wl, None, stride, padding), repeats)
-    torch.backends.cudnn.benchmark = False
-    return result
+    return cudnn_layouts(lambda a, b: F.conv2d(a, b, None, stride, kernel // 2), x, weight,
+                         {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}, repeats)
 
 
 def time_conv3d(shape, images: int, frames: int, repeats: int) -> dict:
-    """The (3, 1, 1) temporal convolution: cuDNN in both layouts, and as three batched products over frames."""
+    """The (3, 1, 1) temporal convolution: cuDNN in both layouts, as a 2-d convolution, and as three batched
+    products over frames."""
     _, c_in, h, w, c_out = shape
     device, dtype = torch.device("cuda"), torch.bfloat16
     videos = images // frames
     x = torch.randn(videos, c_in, frames, h, w, device=device, dtype=dtype)
     weight = torch.randn(c_out, c_in, 3, 1, 1, device=device, dtype=dtype) / (3 * c_in) ** 0.5
-    result = {}
-    for layout, memory_format in (("ncdhw", torch.contiguous_format), ("ndhwc", torch.channels_last_3d)):
-        xl, wl = x.contiguous(memory_format=memory_format), weight.contiguous(memory_format=memory_format)
-        for benchmark in (False, True):
-            torch.backends.cudnn.benchmark = benchmark
-            key = layout + ("_benchmark" if benchmark else "")
-            result[key] = gpu_seconds(lambda xl=xl, wl=wl: F.conv3d(xl, wl, None, 1, (1, 0, 0)), repeats)
-    torch.backends.cudnn.benchmark = False
+    result = cudnn_layouts(lambda a, b: F.conv3d(a, b, None, 1, (1, 0, 0)), x, weight,
+                           {"ncdhw": torch.contiguous_format, "ndhwc": torch.channels_last_3d}, repeats)
     # the same as a 2-d convolution over (frames, h w) with kernel (3, 1), in the channels-last layout inductor
     # gives 2-d convolutions (tried first for kernels/compile_passes.py: slower than NDHWC)
     x_image = x.reshape(videos, c_in, frames, h * w).contiguous(memory_format=torch.channels_last)

@@ -43,11 +43,8 @@ TINY_SIZE = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], 
                  transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=CONTEXT_DIM, num_head_channels=16)
 
 
-def svd_family_unet(kind: str, seed: int = 0, size: dict = TINY_SIZE, dtype: torch.dtype | None = None):
-    """A ModelPatcher of an SVD / SV3D UNet with temporal layers: 2 levels of 32 channels by default, or the real
-    architecture with size=REAL_SIZE (random weights: for benchmarks, compute does not depend on the values)."""
-    import comfy.model_management as model_management
-    import comfy.model_patcher
+def svd_family_config(kind: str, size: dict = TINY_SIZE):
+    """ComfyUI's model config of an SVD / SV3D UNet of `size`, as its model detection makes it for a checkpoint."""
     import comfy.supported_models
 
     config_class = {"svd": comfy.supported_models.SVD_img2vid, "sv3d_u": comfy.supported_models.SV3D_u,
@@ -61,6 +58,16 @@ def svd_family_unet(kind: str, seed: int = 0, size: dict = TINY_SIZE, dtype: tor
     )
     config = config_class(unet_config)
     config.unet_config["num_head_channels"] = size["num_head_channels"]
+    return config
+
+
+def svd_family_unet(kind: str, seed: int = 0, size: dict = TINY_SIZE, dtype: torch.dtype | None = None):
+    """A ModelPatcher of an SVD / SV3D UNet with temporal layers: 2 levels of 32 channels by default, or the real
+    architecture with size=REAL_SIZE (random weights: for benchmarks, compute does not depend on the values)."""
+    import comfy.model_management as model_management
+    import comfy.model_patcher
+
+    config = svd_family_config(kind, size)
     if dtype is not None:
         config.set_inference_dtype(dtype, None)
     load_device = model_management.get_torch_device()
