@@ -31,7 +31,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
-from ..kernels.composition import (COLUMNS, ROWS, GuiderSettings, Layout, balanced_chunk, cfg_scales, check_descending,
+from ..kernels.composition import (COLUMNS, ROWS, GuiderSettings, Layout, balanced_chunk, cfg_scales, cfg_scales_all_one, check_descending,
                                    chunks, covering_weights, items_that_fit, model_weights, multiview_weight, reconcile,
                                    step_of_sigma)
 from ..kernels.errors import InvalidInput
@@ -475,12 +475,11 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         model's order, each a `call_grid`), with a per-position CFG scale linear from cfg[0] to cfg[1] in each."""
         batch, group = self.grid_conditioning.grid.cells, call_grid.cells
         positive = _slice_conds(conds["positive"], items, batch, call_grid)
-        scales = cfg_scales(cfg[0], cfg[1], group).repeat(len(x) // group)
         t = timestep[:1].repeat(len(x))
-        if bool((scales == 1.0).all()):
+        if cfg_scales_all_one(cfg[0], cfg[1], group):
             return comfy.samplers.calc_cond_batch(model, [positive], x, t, model_options)[0]
         negative = _slice_conds(conds["negative"], items, batch, call_grid)
         cond, uncond = comfy.samplers.calc_cond_batch(model, [positive, negative], x, t, model_options)
-        scale = scales.to(x).view(-1, 1, 1, 1)
+        scale = cfg_scales(cfg[0], cfg[1], group, device=x.device).to(x.dtype).repeat(len(x) // group).view(-1, 1, 1, 1)
         return comfy.samplers.cfg_function(model, cond, uncond, scale, x, t, model_options=model_options,
                                            cond=positive, uncond=negative)

@@ -134,11 +134,18 @@ class Layout:
         return self.name
 
 
-def _select(matrix: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+def _groups_index(groups: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """Consecutive groups as a slice: a view to read, and nothing to copy to the GPU to write (an index list would be
+    copied from CPU memory, and such a copy waits for every queued kernel: the GPU would then idle while the CPU
+    prepares the next call)."""
     groups = list(groups)
     if groups == list(range(groups[0], groups[-1] + 1)):
-        return matrix[groups[0]:groups[-1] + 1]  # a view: no copy
-    return matrix[torch.tensor(groups, device=matrix.device)]
+        return slice(groups[0], groups[-1] + 1)
+    return torch.tensor(groups, device=device)
+
+
+def _select(matrix: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    return matrix[_groups_index(groups, matrix.device)]
 
 
 class Rows(Layout):
@@ -159,7 +166,7 @@ class Rows(Layout):
         return _select(grid.as_matrix(batch), groups).flatten(0, 1)
 
     def put(self, grid, batch, groups, values):
-        grid.as_matrix(batch)[list(groups)] = values.reshape(len(groups), grid.frames, *values.shape[1:])
+        grid.as_matrix(batch)[_groups_index(groups, batch.device)] = values.reshape(len(groups), grid.frames, *values.shape[1:])
 
 
 class Columns(Layout):
@@ -182,7 +189,7 @@ class Columns(Layout):
 
     def put(self, grid, batch, groups, values):
         by_cell = batch.view(grid.views, grid.frames, *batch.shape[1:])
-        by_cell[:, list(groups)] = rearrange(values, "(f v) ... -> v f ...", v=grid.views)
+        by_cell[:, _groups_index(groups, batch.device)] = rearrange(values, "(f v) ... -> v f ...", v=grid.views)
 
 
 ROWS, COLUMNS = Rows(), Columns()
@@ -294,9 +301,17 @@ def step_of_sigma(sigmas: torch.Tensor, sigma: float) -> int:
     return int(at_or_above[-1]) if len(at_or_above) else 0
 
 
-def cfg_scales(first: float, last: float, count: int) -> torch.Tensor:
-    """Per-frame classifier-free guidance scales, linear from first to last (SVD's 1.5 -> 3.0; flat when equal)."""
-    return torch.linspace(first, last, count, dtype=torch.float64) if count > 1 else torch.tensor([first], dtype=torch.float64)
+def cfg_scales(first: float, last: float, count: int, device: torch.device | None = None) -> torch.Tensor:
+    """Per-frame classifier-free guidance scales, linear from first to last (SVD's 1.5 -> 3.0; flat when equal), made
+    on `device` (a copy from CPU memory would wait for the GPU's queued kernels at every UNet call)."""
+    if count > 1:
+        return torch.linspace(first, last, count, dtype=torch.float64, device=device)
+    return torch.full((1,), first, dtype=torch.float64, device=device)
+
+
+def cfg_scales_all_one(first: float, last: float, count: int) -> bool:
+    """Whether every scale of cfg_scales(first, last, count) is 1 (no unconditional pass), without computing them."""
+    return first == 1.0 and (last == 1.0 or count == 1)
 
 
 def check_descending(sigmas: torch.Tensor) -> None:

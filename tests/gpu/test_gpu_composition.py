@@ -124,3 +124,29 @@ def test_fp8_matmuls_match_their_emulation_and_run_inside_the_unet(guider_module
     print(f"fp8 linears run: {routed}, not eligible: {sum(mode.skipped for mode in modes)}; grid relative change {relative:.4f}")
     assert routed > 0 and torch.isfinite(in_fp8).all()
     assert 0 < relative < 0.1  # it changes the result, by fp8 rounding, not more
+
+
+def test_the_guider_waits_for_the_gpu_per_step_not_per_call(guider_module):
+    """A copy from CPU memory (or a read of a GPU value) waits for every queued kernel; one inside the call loop would
+    leave the GPU idle while the CPU prepares each next UNet call. Our code's waits, counted by PyTorch's sync debug
+    mode, are the same with one video / set per call (11 calls per step) as with automatic chunks (2)."""
+    import warnings
+
+    import mv4d
+
+    video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module)
+    ours = str(Path(mv4d.__file__).resolve().parent)
+    waits = {}
+    for per_call in (0, 1, 0):  # the first run measures the automatic calls' memory (not the same code path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sample_grid(guider_module, video, multiview, conditioning, noise, sigmas, per_call)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        waits[per_call] = sorted(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                 if "synchroniz" in str(w.message) and str(Path(w.filename).resolve()).startswith(ours))
+    print(f"waits in our code: automatic chunks {len(waits[0])}, one per call {len(waits[1])}: {sorted(set(waits[1]))}")
+    assert waits[0], "the sync debug mode saw none of the per-step waits (reading sigma): the count proves nothing"
+    assert waits[1] == waits[0]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mv4d.kernels.composition import (CompositionSchedule, balanced_chunk, cfg_scales, check_descending, chunks, items_that_fit,
+from mv4d.kernels.composition import (CompositionSchedule, balanced_chunk, cfg_scales, cfg_scales_all_one, check_descending, chunks, items_that_fit,
                                       model_weights, multiview_weight, sample_rollback_euler,
                                       step_of_sigma, view_video_shares)
 from mv4d.kernels.errors import InvalidInput
@@ -83,6 +83,9 @@ def test_balanced_chunks_use_the_fewest_calls_and_never_exceed_the_room():
 def test_cfg_scales_and_sigma_checks():
     assert cfg_scales(1.5, 3.0, 4).tolist() == pytest.approx([1.5, 2.0, 2.5, 3.0])
     assert cfg_scales(2.5, 2.5, 1).tolist() == [2.5]
+    for first, last, count in ((1.0, 1.0, 5), (1.0, 3.0, 1), (1.0, 3.0, 4), (1.5, 1.0, 3), (2.0, 2.0, 1)):
+        assert cfg_scales_all_one(first, last, count) == bool((cfg_scales(first, last, count) == 1.0).all())
+        assert cfg_scales(first, last, count, device=torch.device("meta")).shape == (count,)  # made where asked
     check_descending(torch.tensor([700.0, 1.0, 0.0]))
     for bad in (torch.tensor([0.0, 1.0, 700.0]), torch.tensor([5.0, 5.0]), torch.tensor([5.0])):
         with pytest.raises(InvalidInput) as caught:

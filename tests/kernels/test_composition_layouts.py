@@ -29,10 +29,10 @@ def test_rows_and_columns_take_what_the_grid_calls_rows_and_columns():
     assert (ROWS.group_grid(GRID), COLUMNS.group_grid(GRID)) == (Grid(1, 3), Grid(4, 1))
 
 
-@pytest.mark.parametrize("layout", [ROWS, COLUMNS])
-def test_put_writes_back_exactly_what_take_took(layout):
+@pytest.mark.parametrize("layout, groups", [(ROWS, [3, 1, 0]), (ROWS, [1, 2]), (COLUMNS, [2, 0]), (COLUMNS, [1, 2])])
+def test_put_writes_back_exactly_what_take_took(layout, groups):
+    """Any groups, in any order; consecutive ones (the usual chunks) are written through a slice."""
     batch, out = labelled(), torch.zeros(GRID.cells, 1)
-    groups = [2, 0] if layout is COLUMNS else [3, 1, 0]
     layout.put(GRID, out, groups, layout.take(GRID, batch, groups))
     taken = torch.zeros(GRID.cells, dtype=torch.bool)
     layout.put(GRID, taken.view(-1, 1), groups, torch.ones(len(groups) * layout.group_grid(GRID).cells, 1, dtype=torch.bool))
