@@ -26,6 +26,7 @@ Needs a ComfyUI source tree at $COMFYUI_DIR or ~/ComfyUI (its Python requirement
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -252,6 +253,41 @@ def keep_events(models) -> list[dict]:
     return [event for model in models for wrapper in compiled_unets_of(model) for event in wrapper.events]
 
 
+def step_anatomy(run_step, guider_module, folder: Path, clock_log) -> dict:
+    """bench/step_anatomy.py's measurements of the compiled step, with the regions of the CPU's work named, and one
+    more step that waits for the GPU after every UNet call (as the guider's CPU-to-GPU copies of each call's CFG
+    scales and group indices did before they were made on the GPU): the GPU idle such waits cause."""
+    import comfy.samplers
+    from mv4d.integration.patches.precompiled_unet import CompiledUNet
+    from mv4d.kernels.precompile import CompiledCall
+    from step_anatomy import anatomy
+
+    guider = guider_module.ComposedGuider
+    regions = {(comfy.samplers, "calc_cond_batch"): "ComfyUI calc_cond_batch", (comfy.samplers, "cfg_function"): "ComfyUI cfg_function",
+               (guider, "predict_noise"): "guider predict_noise", (guider, "_role_prediction"): "guider _role_prediction",
+               (guider, "_denoise"): "guider _denoise", (CompiledUNet, "__call__"): "Compile and Keep's wrapper",
+               (CompiledUNet, "compiled_for"): "Compile and Keep's rules, key and guard check",
+               (CompiledCall, "__call__"): "the compiled code (its guards, then its launches)"}
+    folder.mkdir(parents=True, exist_ok=True)
+    result = anatomy(run_step, regions, folder / "compiled_step_trace.json", clock_log)
+    original = comfy.samplers.calc_cond_batch
+
+    def waiting(*args, **kwargs):
+        out = original(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    clock_log.mark("compiled step, waiting after each UNet call")
+    comfy.samplers.calc_cond_batch = waiting
+    try:
+        started = time.perf_counter()
+        run_step()
+        result["step_waiting_after_each_call_s"] = round(time.perf_counter() - started, 3)
+    finally:
+        comfy.samplers.calc_cond_batch = original
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--views", type=int, default=21)
@@ -283,12 +319,22 @@ def main() -> None:
     parser.add_argument("--profile-rows", type=int, default=25, help="with --profile: how many kernels the table lists")
     parser.add_argument("--profile-ops", action="store_true", help="with --profile: also the top operators with the lines that call them")
     parser.add_argument("--profile-path", default="fast", help="the paths (comma-separated) whose step --profile profiles")
+    parser.add_argument("--anatomy", default="", metavar="DIR",
+                        help="path keep: after the timed steps, bench/step_anatomy.py's measurements (the compiled "
+                             "step's products replayed alone, GPU idle gaps and their causes, clocks); its trace goes to DIR")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms per shape (ComfyUI's --fast autotune)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    clock_log = None
+    if args.anatomy and cuda:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from step_anatomy import ClockLog
+
+        clock_log = ClockLog()
+        clock_log.mark("building the models")
     holder = emulate_card(args.memory_cap_gib) if cuda and args.memory_cap_gib else None
     guider_module = import_host(cpu=not cuda)
     ComposedGuider = guider_module.ComposedGuider
@@ -386,6 +432,8 @@ def main() -> None:
     for path in [p for p in args.paths.split(",") if p]:
         per_call = (1, 1) if path == "plain" else tuple(int(n) for n in args.per_call.split(","))
         started = time.perf_counter()
+        if clock_log:
+            clock_log.mark(f"{path}: warm-up" + (" and the steps beside the compiles" if path == "keep" and beside else ""))
         run(path, per_call)  # warm-up (model loading, allocator, kernel selection, measuring chunk memory, compiling)
         warm_up = time.perf_counter() - started
         if path == "keep" and args.keep_first_compile == "beside the run":
@@ -412,6 +460,8 @@ def main() -> None:
         if peak:
             peak.start()
         steps, unet = [], []
+        if clock_log:
+            clock_log.mark(f"{path}: timed steps")
         for index in range(args.repeats):
             steps.append(run(path, per_call))
             unet.append(timer.take_seconds() if timer else float("nan"))
@@ -446,6 +496,9 @@ def main() -> None:
             entry["tflops_per_s"] = round(flops / step / 1e12, 1)
             if "unet_seconds" in entry:
                 entry["unet_tflops_per_s"] = round(flops / entry["unet_seconds"] / 1e12, 1)
+        if path == "keep" and clock_log:
+            entry["anatomy"] = step_anatomy(functools.partial(run, path, per_call), guider_module, Path(args.anatomy), clock_log)
+            print(json.dumps({"anatomy": entry["anatomy"]}), file=sys.stderr, flush=True)
         if path in args.profile_path.split(",") and args.profile and cuda:
             from torch.profiler import ProfilerActivity, profile
 
@@ -496,6 +549,8 @@ def main() -> None:
                 sampling + FIT_SECONDS_H200 + result["projected_decode_seconds"] * (1 + 2 / args.views), 1)
     if holder:
         holder.kill()
+    if clock_log:
+        result["clocks_by_phase"] = clock_log.summary()
     print(json.dumps(result))
 
 
