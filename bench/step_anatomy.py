@@ -222,7 +222,8 @@ class ClockLog:
                 self.error = line.strip()
                 continue
             try:
-                self.samples.append((self.phase, float(parts[0]), float(parts[1]), float(parts[2]), int(parts[3], 16)))
+                reasons = int(parts[3], 16) if parts[3].startswith("0x") else 0
+                self.samples.append((self.phase, float(parts[0]), float(parts[1]), float(parts[2]), reasons))
             except ValueError:
                 self.error = line.strip()
 
