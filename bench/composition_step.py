@@ -254,9 +254,10 @@ def keep_events(models) -> list[dict]:
 
 
 def step_anatomy(run_step, guider_module, folder: Path, clock_log) -> dict:
-    """bench/step_anatomy.py's measurements of the compiled step, with the regions of the CPU's work named, and one
-    more step that waits for the GPU after every UNet call (as the guider's CPU-to-GPU copies of each call's CFG
-    scales and group indices did before they were made on the GPU): the GPU idle such waits cause."""
+    """bench/step_anatomy.py's measurements of the compiled step, with the regions of the CPU's work named, and the
+    step again as the guider ran it before its CPU-to-GPU copies per UNet call were removed (the copies put back)."""
+    import contextlib
+
     import comfy.samplers
     from mv4d.integration.patches.precompiled_unet import CompiledUNet
     from mv4d.kernels.precompile import CompiledCall
@@ -268,24 +269,25 @@ def step_anatomy(run_step, guider_module, folder: Path, clock_log) -> dict:
                (guider, "_denoise"): "guider _denoise", (CompiledUNet, "__call__"): "Compile and Keep's wrapper",
                (CompiledUNet, "compiled_for"): "Compile and Keep's rules, key and guard check",
                (CompiledCall, "__call__"): "the compiled code (its guards, then its launches)"}
+
+    @contextlib.contextmanager
+    def patched(**replacements):
+        originals = {name: getattr(guider_module, name) for name in replacements}
+        for name, value in replacements.items():
+            setattr(guider_module, name, value)
+        try:
+            yield
+        finally:
+            for name, value in originals.items():
+                setattr(guider_module, name, value)
+
+    cfg_scales = guider_module.cfg_scales
+    conds_left_on_the_cpu = {"conds_on_device": lambda conds, device: conds}
+    scales_copied = {"cfg_scales": lambda first, last, count, device=None: cfg_scales(first, last, count).to(device)}
+    variants = {"conds left on the CPU (ComfyUI copies each call's share)": lambda: patched(**conds_left_on_the_cpu),
+                "as before: conds on the CPU and CFG scales copied per call": lambda: patched(**conds_left_on_the_cpu, **scales_copied)}
     folder.mkdir(parents=True, exist_ok=True)
-    result = anatomy(run_step, regions, folder / "compiled_step_trace.json", clock_log)
-    original = comfy.samplers.calc_cond_batch
-
-    def waiting(*args, **kwargs):
-        out = original(*args, **kwargs)
-        torch.cuda.synchronize()
-        return out
-
-    clock_log.mark("compiled step, waiting after each UNet call")
-    comfy.samplers.calc_cond_batch = waiting
-    try:
-        started = time.perf_counter()
-        run_step()
-        result["step_waiting_after_each_call_s"] = round(time.perf_counter() - started, 3)
-    finally:
-        comfy.samplers.calc_cond_batch = original
-    return result
+    return anatomy(run_step, regions, folder / "compiled_step_trace.json", clock_log, variants)
 
 
 def main() -> None:

@@ -307,30 +307,32 @@ def gpu_idle(trace_path, minimum_us: float = 10.0, top: int = 12) -> dict:
             "longest_gaps_us": sorted((round(e - s) for s, e, _ in gaps), reverse=True)[:top]}
 
 
-def anatomy(run_step, regions: dict, trace_path, clock_log: "ClockLog | None" = None) -> dict:
-    """One compiled step timed plainly, one with its products recorded (then replayed), one profiled."""
+def anatomy(run_step, regions: dict, trace_path, clock_log: "ClockLog | None" = None, variants: dict | None = None) -> dict:
+    """One compiled step timed plainly, then once in each variant (label -> context manager factory), one profiled,
+    and one with its products recorded, then replayed (last: the replay's buffers change what the allocator holds)."""
     result = {}
-    if clock_log:
-        clock_log.mark("compiled step")
-    started = time.perf_counter()
-    run_step()
-    result["step_s"] = round(time.perf_counter() - started, 3)
+
+    def timed(label: str, context=contextlib.nullcontext) -> float:
+        if clock_log:
+            clock_log.mark(label)
+        with context():
+            started = time.perf_counter()
+            run_step()
+            return round(time.perf_counter() - started, 3)
+
+    result["step_s"] = timed("compiled step")
+    result["variants_step_s"] = {label: timed(f"compiled step, {label}", context) for label, context in (variants or {}).items()}
+    from torch.profiler import ProfilerActivity, profile
+
+    with annotated(regions), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as recorder:
+        result["profiled_step_s"] = timed("compiled step, profiled")
+    recorder.export_chrome_trace(str(trace_path))
+    result["gpu_idle"] = gpu_idle(trace_path)
     if clock_log:
         clock_log.mark("compiled step, products recorded")
     with ProductRecorder() as recorder:
         run_step()
     result["products"] = replay_products(recorder.take(), recorder.originals, clock_log)
-    if clock_log:
-        clock_log.mark("compiled step, profiled")
-    from torch.profiler import ProfilerActivity, profile
-
-    with annotated(regions), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as recorder:
-        started = time.perf_counter()
-        run_step()
-        profiled = time.perf_counter() - started
-    recorder.export_chrome_trace(str(trace_path))
-    result["profiled_step_s"] = round(profiled, 3)
-    result["gpu_idle"] = gpu_idle(trace_path)
     if clock_log:
         clock_log.mark("after")
     return result
