@@ -134,7 +134,7 @@ def test_the_cpu_waits_for_the_gpu_per_step_not_per_call(guider_module):
     as with automatic chunks (2 calls per step)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    aten = torch.ops.aten
+    reads = {"item", "is_nonzero", "_local_scalar_dense", "nonzero"}  # a GPU value read on the CPU (as the mode sees them)
 
     class CrossingCopies(TorchDispatchMode):
         def __init__(self):
@@ -144,11 +144,12 @@ def test_the_cpu_waits_for_the_gpu_per_step_not_per_call(guider_module):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             result = func(*args, **kwargs)
-            if func is aten._local_scalar_dense.default:
+            name = func.overloadpacket.__name__
+            if name in reads and args[0].is_cuda:
                 self.count += 1
-            elif func in (aten._to_copy.default, aten.copy_.default):
-                source, target = (args[1], args[0]) if func is aten.copy_.default else (args[0], result)
-                self.count += source.device.type != target.device.type
+            elif name in ("to", "_to_copy", "copy_") and isinstance(result, torch.Tensor):
+                source, target = (args[1], args[0]) if name == "copy_" else (args[0], result)
+                self.count += isinstance(source, torch.Tensor) and source.device.type != target.device.type
             return result
 
     video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module)
