@@ -144,10 +144,12 @@ class UNetTimer:
         return seconds
 
 
-KERNEL_KINDS = (  # CUDA kernel name fragments -> where the time goes
+KERNEL_KINDS = (  # CUDA kernel name fragments -> where the time goes; the first kind that matches
+    # first: inductor names its fused kernels after the operators they hold (triton_poi_fused_convolution_0), which
+    # an earlier order counted as convolutions (0.6-0.9 s of the compiled step, bench/RESULTS.md)
+    ("fused (triton)", ("triton",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
     ("gemm / convolution", ("gemm", "sm90_", "sm80_", "cutlass", "xmma", "conv", "implicit", "nchwtonhwc", "nhwctonchw", "cudnn", "scaled_mm")),
-    ("fused (triton)", ("triton",)),
     ("norms", ("norm",)),
 )
 
