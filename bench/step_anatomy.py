@@ -98,6 +98,13 @@ class ArgumentPool:
         _, shape, stride, _, offset = tensor
         return offset + 1 + sum((size - 1) * step for size, step in zip(shape, stride))
 
+    @staticmethod
+    def _out_argument(item):
+        """The described tensor of an ("out", tensor) keyword pair, else None (outputs come from their own buffer)."""
+        if item[0] == "tuple" and len(item[1]) == 2 and item[1][0] == ("value", "out"):
+            return item[1][1]
+        return None
+
     @classmethod
     def _tensors(cls, description, role="input"):
         kind, payload = description[0], description[1:]
@@ -105,10 +112,8 @@ class ArgumentPool:
             yield role, description
         elif kind in ("list", "tuple"):
             for item in payload[0]:
-                if item[0] == "tuple" and len(item[1]) == 2 and item[1][0] == ("value", "out"):
-                    yield from cls._tensors(item[1][1], "output")
-                else:
-                    yield from cls._tensors(item, role)
+                out = cls._out_argument(item)
+                yield from cls._tensors(out, "output") if out is not None else cls._tensors(item, role)
 
     def build(self, description, contiguous: bool = False, role="input"):
         kind = description[0]
@@ -121,10 +126,8 @@ class ArgumentPool:
         if kind in ("list", "tuple"):
             items = []
             for item in description[1]:
-                if item[0] == "tuple" and len(item[1]) == 2 and item[1][0] == ("value", "out"):
-                    items.append(("out", self.build(item[1][1], contiguous, "output")))
-                else:
-                    items.append(self.build(item, contiguous, role))
+                out = self._out_argument(item)
+                items.append(("out", self.build(out, contiguous, "output")) if out is not None else self.build(item, contiguous, role))
             return list(items) if kind == "list" else tuple(items)
         return description[1]
 
