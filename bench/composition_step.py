@@ -313,9 +313,6 @@ def main() -> None:
     parser.add_argument("--keep-without-compile-passes", action="store_true",
                         help="path keep: compile without kernels/compile_passes.py (the code before them, for a side-by-side "
                              "figure; in-process compiles only, so use it with --keep-first-compile 'before the call')")
-    parser.add_argument("--keep-whole-unet", action="store_true",
-                        help="path keep: compile each UNet as one graph without regions for its repeated blocks (the code "
-                             "before them, for a side-by-side figure)")
     parser.add_argument("--per-call", default="0,0",
                         help="fast path: videos and multi-view sets per UNet call (0: as many as fit), e.g. 7,5")
     parser.add_argument("--decode", action="store_true",
@@ -405,10 +402,6 @@ def main() -> None:
             import mv4d.kernels.compile_passes
 
             mv4d.kernels.compile_passes.inductor_options = lambda: {}
-        if args.keep_whole_unet:
-            import mv4d.integration.patches.precompiled_unet as precompiled_unet
-
-            precompiled_unet.REPEATED_BLOCKS = ()  # read at each compile and key (and named to compile processes)
         keep_models = tuple(with_compile_and_keep(m, min_images=args.keep_min_images, max_shapes=4, folder=Path(args.keep_folder),
                                                   first_compile=args.keep_first_compile)
                             for m in (video_model, multiview_model))

@@ -31,10 +31,8 @@ from pathlib import Path
 HEADER, COMFY_ARGS, SKELETON, LOG = "job.json", "comfy_args.pickle", "skeleton.pt", "log.txt"
 
 
-def write_job(module, arguments: tuple, function, path: Path, attention: dict[str, str],
-              blocks: tuple[str, str] | None = None) -> Path:
-    """A job folder (in the temp folder) for one compile of `function(module, *arguments)` saved at `path`, with
-    the repeated blocks (kernels/precompile.py RepeatedBlock) that the module attribute `blocks` names."""
+def write_job(module, arguments: tuple, function, path: Path, attention: dict[str, str]) -> Path:
+    """A job folder (in the temp folder) for one compile of `function(module, *arguments)` saved at `path`."""
     import comfy.cli_args
     import torch
 
@@ -45,7 +43,7 @@ def write_job(module, arguments: tuple, function, path: Path, attention: dict[st
     header = {
         "sys_path": [entry for entry in sys.path if entry], "package": package,
         "package_folder": str(Path(sys.modules[package].__file__).parent),
-        "function": [function.__module__, function.__qualname__], "blocks": blocks, "path": str(path),
+        "function": [function.__module__, function.__qualname__], "path": str(path),
         "device": str(tensors_in(arguments)[0].device),
         "autograd": autograd_state(), "fingerprint": module_fingerprint(module), "attention": attention,
         "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
@@ -95,11 +93,10 @@ def run_job(job: Path) -> None:
                            "not survive pickling); compile in the sampling process instead")
     arguments = on_device(skeleton["arguments"], device, skeleton["inference"])
     function = getattr(importlib.import_module(header["function"][0]), header["function"][1])
-    blocks = getattr(importlib.import_module(header["blocks"][0]), header["blocks"][1]) if header["blocks"] else ()
     torch.set_default_dtype(getattr(torch, header["default_dtype"]))
     mode = {"inference": torch.inference_mode(), "no_grad": torch.no_grad(), "grad": torch.enable_grad()}[header["autograd"]]
     with mode:
-        built = build(function, module, arguments, Path(header["path"]), blocks)
+        built = build(function, module, arguments, Path(header["path"]))
     print(json.dumps({"compiled_seconds": round(built.seconds, 1), "bytes": built.bytes_written}), flush=True)
     # the file is what the sampling process needs; the job goes now, also if that process has ended meanwhile
     # (a failed job stays for the sampling process to read its log, and goes when it has)

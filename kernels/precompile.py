@@ -12,23 +12,15 @@ The module is covered instead by `module_fingerprint`, part of the key that name
 loaded for a module of the same structure. The module's weights are read from the module at each call (they are
 inputs of the compiled graph), so one file serves every checkpoint of the architecture and weight patches reach it.
 Inductor compiles with the graph passes of `compile_passes.py` (exact layout choices it does not make by itself).
-
-A UNet repeats its blocks: the same transformer or residual block, with other weights, at several positions. Given
-as `RepeatedBlock`s, such blocks are traced and compiled once per input signature (PyTorch's nested compile regions)
-instead of once per position, inside the same one graph: the cold compile is shorter (bench/RESULTS.md) and the
-saved file the same kind of file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import inspect
 import json
 import os
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,7 +29,7 @@ import torch
 
 from . import compile_passes
 
-FORMAT = 3  # part of every key: bump when what is compiled changes, so old files are not loaded (2: compile_passes, 3: regions)
+FORMAT = 2  # part of every key: bump when what is compiled changes, so old files are not loaded (2: compile_passes)
 SIMPLE_ATTRIBUTES = (bool, int, float, str, type(None))
 MODULE_ARGUMENT = "module"  # the compiled function's first parameter: guards rooted there are left out
 
@@ -107,57 +99,10 @@ class Built:
     bytes_written: int
 
 
-# Enough for the distinct shapes of one block class in one UNet (SVD-XT: 16 residual blocks of other channel counts or
-# sizes); past the default of 8 of PyTorch 2.12 and later the compile would stop with an error instead of compiling
-# the block again (earlier versions have no limit and no such parameter).
-MAX_SIGNATURES_PER_BLOCK = 64
-
-
-def compiled_once(body: Callable) -> Callable:
-    """`body(block, ...)` as a nested compile region: traced and compiled once per input signature (shapes, dtypes,
-    strides, constants), and reused for every block that calls it with the same signature."""
-    limit = ({"max_reuse_entries": MAX_SIGNATURES_PER_BLOCK}
-             if "max_reuse_entries" in inspect.signature(torch.compiler.nested_compile_region).parameters else {})
-    return torch.compiler.nested_compile_region(body, **limit)
-
-
-@dataclass(frozen=True)
-class RepeatedBlock:
-    """A block class whose instances a compile traces through `region(block, ...)` (the forward's parameters; made
-    by `compiled_once`, or a function that calls one) instead of their forward. Outside a compile the blocks run
-    their own forward."""
-
-    block_class: type
-    region: Callable
-
-
-@contextlib.contextmanager
-def blocks_as_regions(module: torch.nn.Module, blocks: Sequence[RepeatedBlock]):
-    """While it lasts, every submodule of exactly a listed class traces through its region. Set on the instances (not
-    the classes), so other models of the same classes, and this one outside torch.compile, are left as they are."""
-    regions = {block.block_class: block.region for block in blocks}
-    patched = [submodule for submodule in module.modules() if type(submodule) in regions]
-
-    def forward(block, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            return regions[type(block)](block, *args, **kwargs)
-        return type(block).forward(block, *args, **kwargs)
-
-    for submodule in patched:
-        submodule.forward = types.MethodType(forward, submodule)
-    try:
-        yield
-    finally:
-        for submodule in patched:
-            del submodule.forward
-
-
-def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path: Path,
-          blocks: Sequence[RepeatedBlock] = ()) -> Built:
+def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path: Path) -> Built:
     """Compile `function(module, *arguments)` (a module-level function: its code is saved by reference to its
-    module's globals), with `blocks` compiled once per signature, and save it at `path`. Written beside `path` and
-    renamed into place, so a crash or a stop leaves no half-written file. Raises what torch.compile raises (a graph
-    break, an unsavable value)."""
+    module's globals) and save it at `path`. Written beside `path` and renamed into place, so a crash or a stop
+    leaves no half-written file. Raises what torch.compile raises (a graph break, an unsavable value)."""
     started = time.perf_counter()
     # PyTorch 2.10 / 2.11 attach aot_compile only under this flag; later versions always do and dropped it
     flag = {"enable_aot_compile": True} if hasattr(torch._dynamo.config, "enable_aot_compile") else {}
@@ -166,8 +111,7 @@ def build(function: Callable, module: torch.nn.Module, arguments: Sequence, path
         # second shape it sees as a sign to compile for symbolic shapes (slower code, and minutes more to compile)
         compiler = torch.compile(function, fullgraph=True, dynamic=False,
                                  options={"guard_filter_fn": call_guards_only, **compile_passes.inductor_options()})
-    with blocks_as_regions(module, blocks):
-        compiled = compiler.aot_compile(((module, *arguments), {}))
+    compiled = compiler.aot_compile(((module, *arguments), {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:

@@ -7,9 +7,6 @@ wrappers, ControlNet, weights cast or patched at call time) would stop reacting 
 through rules (policy objects, one question each); a call any rule refuses runs the UNet as before, and the refusal
 is logged once. Object patches that swap modules (our single-token shortcut, MV4D Fuse Elementwise) are part of the
 module tree, so they are in the compiled code and in its key.
-
-SVD-family UNets repeat their residual and transformer blocks: those are compiled once per input signature
-(`REPEATED_BLOCKS`, kernels/precompile.py's regions), which shortens the first compile.
 """
 
 from __future__ import annotations
@@ -25,13 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.ldm.modules.attention as comfy_attention
-import comfy.ldm.modules.diffusionmodules.openaimodel as comfy_unet
 import comfy.patcher_extension
 import folder_paths
 import torch
 
-from ...kernels.precompile import (SIMPLE_ATTRIBUTES, Built, CompiledCall, CompiledStore, CompileKey, RepeatedBlock, build,
-                                   compiled_once)
+from ...kernels.precompile import SIMPLE_ATTRIBUTES, Built, CompiledCall, CompiledStore, CompileKey, build
 from ..compile_worker import log_tail, start_worker, write_job
 from ..multi_gpu import keep_clones_matched
 
@@ -49,34 +44,6 @@ def unet_forward(module, x, timesteps, context, y, tensor_kwargs, static_kwargs)
     refer to it; its first parameter is the module (kernels/precompile.py leaves guards rooted there out)."""
     forward = getattr(module, "_forward", module.forward)  # _forward: the UNet without the DIFFUSION_MODEL wrappers
     return forward(x, timesteps, context, y, None, {}, **static_kwargs, **tensor_kwargs)
-
-
-def spatial_video_transformer_alone(block, x, context, time_context, timesteps, image_only_indicator):
-    """SVD's transformer block given a fresh transformer_options. The block writes its position into that dict (the
-    UNet block, the index inside it), which only option patches read; a compiled call has none (NoOptionPatches)
-    and runs the UNet with empty options (unet_forward), so the result is the same, and without the position in its
-    inputs one region serves every position of the same shape."""
-    return comfy_attention.SpatialVideoTransformer.forward(block, x, context, time_context, timesteps, image_only_indicator,
-                                                           transformer_options={})
-
-
-SPATIAL_VIDEO_TRANSFORMER_ALONE = compiled_once(spatial_video_transformer_alone)
-
-
-def spatial_video_transformer_region(block, x, context=None, time_context=None, timesteps=None,
-                                     image_only_indicator=None, transformer_options=None):
-    return SPATIAL_VIDEO_TRANSFORMER_ALONE(block, x, context, time_context, timesteps, image_only_indicator)
-
-
-# The SVD / SV3D UNets' repeated blocks (16 transformers of 4 shapes, 25 residual blocks of 16, for SVD-XT); others
-# compile whole. A compile process looks this name up (write_job), so it compiles the same regions.
-REPEATED_BLOCKS = (RepeatedBlock(comfy_unet.VideoResBlock, compiled_once(comfy_unet.VideoResBlock.forward)),
-                   RepeatedBlock(comfy_attention.SpatialVideoTransformer, spatial_video_transformer_region))
-
-
-def repeated_blocks_name() -> tuple[str, str] | None:
-    """Where a compile process finds REPEATED_BLOCKS (None: compile whole)."""
-    return (__name__, "REPEATED_BLOCKS") if REPEATED_BLOCKS else None
 
 
 def is_static(value) -> bool:
@@ -271,7 +238,7 @@ class CompileBeforeTheCall(CompilePlacement):
                      "UNet; kept in %s)", NODE, list(call.x.shape), path.parent)
         try:
             with COMPILE_LOCK:
-                return FinishedCompile(build(unet_forward, call.diffusion_model, call.arguments(), path, REPEATED_BLOCKS))
+                return FinishedCompile(build(unet_forward, call.diffusion_model, call.arguments(), path))
         except Exception as error:  # a graph break, an unsavable value, a compiler failure: eager, the run goes on
             return FinishedCompile(error=error)
 
@@ -304,8 +271,7 @@ class CompileBesideTheRun(CompilePlacement):
             threads = max(1, (os.cpu_count() or 2) // self.max_workers)
             job = None
             try:
-                job = write_job(call.diffusion_model, call.arguments(), unet_forward, path, attention_functions(),
-                                repeated_blocks_name())
+                job = write_job(call.diffusion_model, call.arguments(), unet_forward, path, attention_functions())
                 WORKER_COMPILES[path] = WorkerCompile(start_worker(job, threads), job, path)
                 unsendable = None
             except Exception as error:  # e.g. another node pack left a function on the model that does not pickle
@@ -429,8 +395,7 @@ class CompiledUNet:
 
     def key(self, call: UNetCall) -> CompileKey:
         return CompileKey.of(call.diffusion_model, call.tensors(), call_device=str(call.x.device),
-                             static_kwargs=repr(call.static_kwargs()), attention=attention_functions()["optimized_attention"],
-                             regions=[block.block_class.__qualname__ for block in REPEATED_BLOCKS])
+                             static_kwargs=repr(call.static_kwargs()), attention=attention_functions()["optimized_attention"])
 
     def log_once(self, topic: str, message: str, *args) -> None:
         if topic not in self.logged:

@@ -1,7 +1,6 @@
 """MV4D Compile and Keep: UNet calls compiled by torch.compile and kept whole on disk, on tiny SVD / SV3D models (CPU).
 
-Properties: the compiled call gives the UNet's prediction and leaves one file; the UNet's repeated blocks trace as
-fewer block graphs than there are blocks; a new wrapper over the same folder
+Properties: the compiled call gives the UNet's prediction and leaves one file; a new wrapper over the same folder
 loads the file instead of compiling, also for another checkpoint of the same architecture (weights are read from
 the module) and after a weight patch; a fresh Python process loads it and traces nothing; calls the rules refuse
 run the UNet as before and compile nothing; a compile that fails leaves no file and the call still returns the
@@ -101,38 +100,6 @@ def test_a_compiled_call_gives_the_unets_prediction_and_leaves_one_file(first_co
     assert relative(result, eager) <= TOLERANCE
     assert [event for event in wrapper.events if "compiled" in event]
     assert [path.suffix for path in folder.iterdir()] == [".compiled"]  # no partial file beside it
-
-
-def test_the_svd_unets_repeated_blocks_trace_as_fewer_graphs_than_blocks(keep, tmp_path, monkeypatch):
-    """SVD's residual and transformer blocks each trace once per input signature (kernels/precompile.py regions):
-    the call's trace holds fewer block graphs than the UNet has blocks, and none without the regions."""
-    from mv4d.kernels.precompile import blocks_as_regions
-
-    model = svd_family_unet("svd", seed=0)
-    calls = []
-    monkeypatch.setattr(keep.CompileBeforeTheCall, "begin", lambda self, call, path: calls.append(call))
-    x, context, conds = svd_inputs()
-    unet_call(compiled(keep, model, tmp_path), x, context, **conds)  # the call is recorded and runs uncompiled
-    (call,) = calls
-    unet = call.diffusion_model
-    blocks = [block for block in unet.modules() if type(block) in {entry.block_class for entry in keep.REPEATED_BLOCKS}]
-
-    def graphs_traced(repeated_blocks) -> int:
-        counts = []
-
-        def count(graph_module, example_inputs):
-            counts.append(sum(name.startswith("subgraph") for name, _ in graph_module.named_children()))
-            return graph_module.forward
-
-        torch._dynamo.reset()
-        with torch.no_grad(), blocks_as_regions(unet, repeated_blocks):
-            torch.compile(keep.unet_forward, backend=count, fullgraph=True, dynamic=False)(unet, *call.arguments())
-        return counts[0]
-
-    with_regions = graphs_traced(keep.REPEATED_BLOCKS)
-    print(f"\ntiny SVD: {len(blocks)} repeated blocks traced as {with_regions} block graphs")
-    assert 0 < with_regions < len(blocks)
-    assert graphs_traced(()) == 0
 
 
 def test_another_checkpoint_of_the_same_architecture_loads_the_file(keep, folder, first_compile, no_compiles):

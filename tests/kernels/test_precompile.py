@@ -1,6 +1,6 @@
 """kernels/precompile.py without ComfyUI: the fingerprint that stands in for the guards PyTorch is told to drop,
-the key's parts, the folder's clean-up of saves a killed process left behind, what a compile process is sent
-(the module and the call on the meta device), and repeated blocks compiled once per signature."""
+the key's parts, the folder's clean-up of saves a killed process left behind, and what a compile process is sent
+(the module and the call on the meta device)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import sys
 
 import torch
 
-from mv4d.kernels.precompile import (CompiledCall, CompiledStore, CompileKey, RepeatedBlock, blocks_as_regions, build,
-                                    compiled_once, module_fingerprint, on_device, on_meta, tensors_in)
+from mv4d.kernels.precompile import CompiledStore, CompileKey, module_fingerprint, on_device, on_meta, tensors_in
 
 
 class Attention(torch.nn.Module):
@@ -90,89 +89,3 @@ def test_arguments_sent_on_the_meta_device_keep_layout_order_and_inference_flags
     for original, copy in zip(tensors_in(arguments), tensors_in(rebuilt)):
         assert (copy.shape, copy.stride(), copy.dtype) == (original.shape, original.stride(), original.dtype)
     assert rebuilt[2] is None and rebuilt[3]["a"] == 3 and list(rebuilt[3]) == ["b", "a"]
-
-
-class Residual(torch.nn.Module):
-    """A repeated block: its own weights, the same code at every position."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.norm, self.project = torch.nn.LayerNorm(width), torch.nn.Linear(width, width)
-
-    def forward(self, x):
-        return x + torch.nn.functional.silu(self.project(self.norm(x)))
-
-
-class Tower(torch.nn.Module):
-    """An input layer (as a UNet's first convolution: a block fed the graph's own input is a signature of its own),
-    three blocks at width 8, a widening, three blocks at width 16: two block signatures, six blocks."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Linear(8, 8)
-        self.narrow = torch.nn.ModuleList(Residual(8) for _ in range(3))
-        self.widen = torch.nn.Linear(8, 16)
-        self.wide = torch.nn.ModuleList(Residual(16) for _ in range(3))
-
-    def forward(self, x):
-        x = self.embed(x)
-        for block in self.narrow:
-            x = block(x)
-        x = self.widen(x)
-        for block in self.wide:
-            x = block(x)
-        return x
-
-
-RESIDUAL_BLOCKS = (RepeatedBlock(Residual, compiled_once(Residual.forward)),)
-
-
-def tower_forward(module, x):
-    return module(x)
-
-
-def regions_traced(module, x, blocks) -> int:
-    """How many block graphs Dynamo's trace of `module(x)` holds (its nested compile regions)."""
-    graphs = []
-
-    def count(graph_module, example_inputs):
-        graphs.append(sum(name.startswith("subgraph") for name, _ in graph_module.named_children()))
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    with blocks_as_regions(module, blocks):
-        torch.compile(tower_forward, backend=count, fullgraph=True, dynamic=False)(module, x)
-    return graphs[0]
-
-
-def test_repeated_blocks_are_traced_once_per_signature():
-    tower = Tower()
-    x = torch.randn(4, 8)
-    assert regions_traced(tower, x, ()) == 0  # inlined: six copies of the block in one graph
-    assert regions_traced(tower, x, RESIDUAL_BLOCKS) == 2  # one region per width, each used three times
-
-
-def test_blocks_run_their_own_forward_outside_a_compile_and_are_left_as_they_were():
-    tower = Tower()
-    x = torch.randn(4, 8)
-    expected = tower(x)
-    with blocks_as_regions(tower, RESIDUAL_BLOCKS):
-        assert all("forward" in vars(block) for block in tower.narrow)
-        assert torch.equal(tower(x), expected)
-    assert not any("forward" in vars(block) for block in tower.modules())
-    assert module_fingerprint(tower) == module_fingerprint(Tower())
-
-
-def test_a_build_with_regions_saves_a_file_that_gives_the_eager_result(tmp_path):
-    torch.manual_seed(0)
-    tower = Tower()
-    x = torch.randn(4, 8)
-    path = tmp_path / "tower.compiled"
-    with torch.inference_mode():
-        expected = tower(x)
-        torch._dynamo.reset()
-        build(tower_forward, tower, (x,), path, RESIDUAL_BLOCKS)
-        loaded = CompiledCall.load(path)
-        assert loaded.accepts(tower, x)
-        torch.testing.assert_close(loaded(tower, x), expected)
-    assert [p.name for p in tmp_path.iterdir()] == ["tower.compiled"]
