@@ -4,8 +4,9 @@ Real-size SVD-XT and SV3D_p UNets are built from ComfyUI's own classes with the 
 parameters each; random weights: compute does not depend on the values), in bf16. A 21-view x 25-frame grid of
 576 px (72 x 72 latents) with CFG on both models is denoised once by:
   - "fast": MV4D Composed Guider with automatic chunks (as many videos / multi-view sets per UNet call as fit)
-    and its default exact savings (the single-token cross-attention shortcut);
+    and its default exact savings (the single-token cross-attention shortcut, the short-sequence attention kernel);
   - "no_shortcut": "fast" without the shortcut (the path before it, for the saving it makes);
+  - "no_short_attention": "fast" with PyTorch's attention in the temporal layers instead of mv4d's one-tile kernel;
   - "plain": the same guider with one video / one multi-view set per call (the per-row / per-column reference);
   - "fp8": "fast" with both models through MV4D FP8 Matmuls (optional speed-up; changes the result);
   - "alternate": "fast" with alternate_models (optional speed-up: one model per evaluation; changes the result),
@@ -298,7 +299,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
-    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, fp8, alternate, channels_last, fused, fused_<fusion>, keep")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, no_short_attention, fp8, alternate, channels_last, fused, fused_<fusion>, keep")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
     parser.add_argument("--compile", action="store_true",
@@ -327,6 +328,8 @@ def main() -> None:
     parser.add_argument("--anatomy", default="", metavar="DIR",
                         help="path keep: after the timed steps, bench/step_anatomy.py's measurements (the compiled "
                              "step's products replayed alone, GPU idle gaps and their causes, clocks); its trace goes to DIR")
+    parser.add_argument("--without-short-attention", action="store_true",
+                        help="every path without the short-sequence attention kernel (PyTorch's attention in the temporal layers)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms per shape (ComfyUI's --fast autotune)")
     args = parser.parse_args()
@@ -375,7 +378,7 @@ def main() -> None:
     timer = UNetTimer([video_model, multiview_model]) if cuda and not args.compile and not beside else None
     result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "dtype": str(dtype),
               "views": args.views, "frames": args.frames, "size": args.size, "tiny": args.tiny,
-              "memory_cap_gib": args.memory_cap_gib or None, "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark, "per_call": args.per_call, "build_seconds": round(build_seconds, 1)}
+              "memory_cap_gib": args.memory_cap_gib or None, "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark, "without_short_attention": args.without_short_attention, "per_call": args.per_call, "build_seconds": round(build_seconds, 1)}
 
     channels_last_models = None
     if "channels_last" in args.paths.split(","):
@@ -415,7 +418,8 @@ def main() -> None:
         models = {"fp8": fp8_models, "channels_last": channels_last_models, "keep": keep_models, **fused_models}.get(path) or (video_model, multiview_model)
         settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1],
                                   alternate_models=path == "alternate",  # otherwise the official defaults
-                                  single_token_shortcut=path != "no_shortcut")
+                                  single_token_shortcut=path != "no_shortcut",
+                                  short_sequence_attention=path != "no_short_attention" and not args.without_short_attention)
         guider = ComposedGuider(*models, conditioning, settings)
         seconds = []
         original = guider.predict_noise
@@ -538,12 +542,14 @@ def main() -> None:
     for path in speedups:  # the optional speed-ups against the exact fast path of the same run
         if "fast" in result and path in result:
             result[f"speedup_{path}_vs_fast"] = round(result["fast"]["step_seconds"] / result[path]["step_seconds"], 3)
-    for path in ("plain", "no_shortcut", "channels_last", "keep", *fused_models):  # exact (up to rounding): their grid against "fast"
+    for path in ("plain", "no_shortcut", "no_short_attention", "channels_last", "keep", *fused_models):  # exact (up to rounding): their grid against "fast"
         if "fast" in outputs and path in outputs:
             difference = (outputs[path] - outputs["fast"]).abs().max() / outputs["fast"].abs().max()
             result[path]["max_difference_vs_fast_relative"] = float(f"{difference.item():.3g}")
     if "fast" in result and "no_shortcut" in result:
         result["speedup_shortcut"] = round(result["no_shortcut"]["step_seconds"] / result["fast"]["step_seconds"], 3)
+    if "fast" in result and "no_short_attention" in result:
+        result["speedup_short_attention"] = round(result["no_short_attention"]["step_seconds"] / result["fast"]["step_seconds"], 3)
     if "fast" in result:
         # 50 steps, the first 10 evaluated twice (rollback): 60 joint evaluations; the reference row and column
         # cost one row / one column per step with CFG (about 2 / (V + F) of a joint step each)

@@ -39,6 +39,7 @@ from ..kernels.grid import GRID_OPTION, Grid
 from .composition_roles import LAYOUT_NOUNS, prediction_space
 from .multi_gpu import DeviceRun, SpreadOverDevices, device_clones, note_single_gpu, relative_speeds, without_core_multigpu
 from .node_errors import input_error, kernel_errors_as_node_errors
+from .patches.short_sequence_attention import with_short_sequence_attention
 from .patches.single_token_attention import with_single_token_attention
 
 GUIDER = "MV4D Composed Guider"
@@ -295,6 +296,8 @@ class ComposedGuider(comfy.samplers.CFGGuider):
                       for role, layout in ((video_model, ROWS), (multiview_model, COLUMNS)))
         if settings.single_token_shortcut:
             roles = tuple(dataclasses.replace(role, model=with_single_token_attention(role.model)) for role in roles)
+        if settings.short_sequence_attention:
+            roles = tuple(dataclasses.replace(role, model=with_short_sequence_attention(role.model)) for role in roles)
         for role, layout in zip(roles, (ROWS, COLUMNS)):
             if role.layout is not layout:
                 raise InvalidInput(role.input_name, f"this role denoises {role.layout.name}, but its place is the {layout.name}",

@@ -1,6 +1,6 @@
 """Exact savings, fused kernels and kept compiled UNets on a CUDA GPU in bf16, through the composed guider: the
-single-token cross-attention shortcut (on by default), MV4D Fuse Elementwise and MV4D Compile and Keep each give the
-grid of the path without them within bf16 tolerance."""
+single-token cross-attention shortcut and the short-sequence attention kernel (both on by default), MV4D Fuse
+Elementwise and MV4D Compile and Keep each give the grid of the path without them within bf16 tolerance."""
 
 from __future__ import annotations
 
@@ -31,6 +31,50 @@ def test_the_shortcut_gives_the_same_grid_in_bf16(guider_module):  # noqa: F811
     without, shortcut = (composed_grid(guider_module, (video, multiview), conditioning, noise, sigmas,
                                        guider_module.GuiderSettings(single_token_shortcut=taken)) for taken in (False, True))
     assert_same_within_bf16(without, shortcut, "shortcut vs without")
+
+
+def test_short_sequence_attention_gives_the_same_grid_in_bf16(guider_module, monkeypatch):  # noqa: F811
+    """The one-tile kernel in the temporal layers (on by default): the grid of PyTorch's attention within bf16."""
+    from mv4d.integration.patches.short_sequence_attention import ShortSequenceSelfAttention
+
+    taken, decide = [], ShortSequenceSelfAttention.takes_kernel
+    monkeypatch.setattr(ShortSequenceSelfAttention, "takes_kernel", lambda self, x, *rest: taken.append(decide(self, x, *rest)) or taken[-1])
+    video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
+    without, kernel = (composed_grid(guider_module, (video, multiview), conditioning, noise, sigmas,
+                                     guider_module.GuiderSettings(short_sequence_attention=used)) for used in (False, True))
+    assert any(taken)
+    assert_same_within_bf16(without, kernel, "short-sequence kernel vs PyTorch's attention")
+
+
+def pytorch_attention(q, k, v, heads: int) -> torch.Tensor:
+    """ComfyUI's attention_pytorch on (batch, tokens, heads * 64) projections."""
+    batch, tokens, width = q.shape
+    split = [t.view(batch, tokens, heads, width // heads).transpose(1, 2) for t in (q, k, v)]
+    return torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).reshape(batch, tokens, width)
+
+
+def doubled_short_attention(q, k, v, heads: int) -> torch.Tensor:
+    return torch.ops.mv4d.short_attention(q, k, v, heads) * 2
+
+
+def test_the_short_attention_kernel_at_the_temporal_shapes_eager_and_compiled():
+    """bf16 at SVD's and SV3D's temporal shapes: as close to float32 attention as PyTorch's own bf16 kernel, and a
+    compiled graph that calls the operator runs the kernel (the same values up to rounding)."""
+    from mv4d.kernels import short_attention  # noqa: F401  (registers the operator)
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    compiled = torch.compile(doubled_short_attention, fullgraph=True, dynamic=False)
+    for tokens, heads in ((25, 5), (21, 10), (25, 20), (64, 2), (1, 5)):
+        q, k, v = torch.randn(3, 4096, tokens, heads * 64, device="cuda", dtype=torch.bfloat16, generator=generator).unbind(0)
+        reference = pytorch_attention(q.float(), k.float(), v.float(), heads)
+        errors = {name: ((out.float() - reference).norm() / reference.norm()).item()
+                  for name, out in (("kernel", torch.ops.mv4d.short_attention(q, k, v, heads)),
+                                    ("pytorch", pytorch_attention(q, k, v, heads)))}
+        print(f"{tokens} tokens, {heads} heads: relative error against float32 {errors}")
+        assert errors["kernel"] <= 1.5 * errors["pytorch"] + 1e-4
+        eager = doubled_short_attention(q, k, v, heads)
+        # inductor compiles the same kernel with its own options: equal up to one bf16 rounding
+        assert torch.allclose(compiled(q, k, v, heads).float(), eager.float(), rtol=2 ** -7, atol=2 ** -7)
 
 
 def test_fused_elementwise_gives_the_same_grid_in_bf16(guider_module):  # noqa: F811

@@ -1,0 +1,123 @@
+"""The UNets' temporal attention: mv4d's one-tile kernel (kernels/short_attention.py) against PyTorch's backends.
+
+SVD's and SV3D's temporal layers attend over 25 frames / 21 views per token, with 64-channel heads, in batches of
+hundreds of thousands of sequences per call. Such attention is bound by memory (q, k, v read once, the output
+written once). This times each temporal attention call of one Diffusion² joint step (the calls as
+bench/attention_backends.py counts them) with PyTorch's default, memory-efficient and cuDNN kernels, in the layout
+ComfyUI's attention_pytorch hands them over, and with `torch.ops.mv4d.short_attention` on the projections as they
+are; errors against float32 attention; the step's seconds per kernel.
+
+    python -P bench/short_attention.py                  # paper setting, 7 videos / 5 sets per call
+    TRITON_INTERPRET=1 python -P bench/short_attention.py --check-only --size 16 --per-call 1,1   # CPU, the interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+if "mv4d" not in sys.modules:  # the repository root is the package mv4d
+    spec = importlib.util.spec_from_file_location("mv4d", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    sys.modules["mv4d"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["mv4d"])
+
+import mv4d.kernels.short_attention  # noqa: E402,F401  (registers torch.ops.mv4d.short_attention)
+
+HEAD_CHANNELS = 64
+LEVEL_CHANNELS = (320, 640, 1280)
+LAYERS_PER_LEVEL = 5
+
+
+def projections(batch: int, tokens: int, heads: int, device, dtype) -> torch.Tensor:
+    """(batch, tokens, heads * 64), as a linear layer gives it."""
+    return torch.randn(batch, tokens, heads * HEAD_CHANNELS, device=device, dtype=dtype)
+
+
+def heads_first(projected: torch.Tensor, heads: int) -> torch.Tensor:
+    """The (batch, heads, tokens, 64) view ComfyUI's attention_pytorch hands to scaled_dot_product_attention."""
+    batch, tokens, _ = projected.shape
+    return projected.view(batch, tokens, heads, HEAD_CHANNELS).transpose(1, 2)
+
+
+def seconds_per_call(function, repeats: int) -> float:
+    function()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        function()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000.0 / repeats
+
+
+def sdpa(backend: SDPBackend | None, heads: int, q, k, v) -> torch.Tensor:
+    """ComfyUI's attention_pytorch: heads transposed out, PyTorch's attention, heads merged back."""
+    batch, tokens, width = q.shape
+    with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+        out = torch.nn.functional.scaled_dot_product_attention(*(heads_first(t, heads) for t in (q, k, v)))
+    return out.transpose(1, 2).reshape(batch, tokens, width)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=576)
+    parser.add_argument("--views", type=int, default=21)
+    parser.add_argument("--frames", type=int, default=25)
+    parser.add_argument("--per-call", default="7,5", help="videos per SVD call, multi-view sets per SV3D call")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--check-only", action="store_true", help="only compare with float32 attention (no timing)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    videos, sets = (int(n) for n in args.per_call.split(","))
+    latent = args.size // 8
+    # (model, images per call with cond and uncond batched, temporal sequence, calls per joint step); as
+    # bench/attention_backends.py counts them
+    models = [("svd", 2 * videos * args.frames, args.frames, args.views // videos),
+              ("sv3d", 2 * sets * args.views, args.views, args.frames // sets)]
+    backends = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    totals = {name: 0.0 for name in [*backends, "mv4d"]}
+    for model, images, sequence, calls in models:
+        for level, channels in enumerate(LEVEL_CHANNELS):
+            side = latent >> level
+            heads = channels // HEAD_CHANNELS
+            batch = images // sequence * side * side
+            q, k, v = (projections(batch, sequence, heads, device, dtype) for _ in range(3))
+            reference = sdpa(None, heads, q.float(), k.float(), v.float())
+            kernels = {name: functools.partial(sdpa, backend, heads, q, k, v) for name, backend in backends.items()}
+            kernels["mv4d"] = functools.partial(torch.ops.mv4d.short_attention, q, k, v, heads)
+            if not cuda:
+                kernels = {"mv4d": kernels["mv4d"]}
+            row = {"model": model, "level": level, "batch": batch, "heads": heads, "tokens": sequence,
+                   "calls_per_step": calls * LAYERS_PER_LEVEL, "ms": {},
+                   "relative_error": {name: ((run().float() - reference).norm() / reference.norm()).item()
+                                      for name, run in kernels.items()}}
+            if not args.check_only:
+                for name, run in kernels.items():
+                    seconds = seconds_per_call(run, args.repeats)
+                    row["ms"][name] = round(seconds * 1e3, 3)
+                    totals[name] += seconds * row["calls_per_step"]
+                moved = 4 * q.numel() * q.element_size()  # q, k, v read and the output written, once each
+                row["tb_per_s"] = {name: round(moved / (ms / 1e3) / 1e12, 2) for name, ms in row["ms"].items()}
+            print(json.dumps(row), flush=True)
+            del q, k, v, reference
+    if not args.check_only:
+        import triton
+
+        print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                          "per_call": [videos, sets],
+                          "temporal_attention_seconds_per_step": {name: round(s, 3) for name, s in totals.items()}}))
+
+
+if __name__ == "__main__":
+    main()

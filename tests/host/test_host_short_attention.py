@@ -1,0 +1,101 @@
+"""The short-sequence attention patch (integration/patches/short_sequence_attention.py) on ComfyUI's SVD UNet.
+
+Every self-attention module gets the stand-in; on the CPU every call takes the original module (the kernel needs
+Triton's GPU compiler), so the prediction is bit for bit the same; under Triton's interpreter (a child process with
+TRITON_INTERPRET=1) the temporal layers' calls take the kernel and the prediction matches the original's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mv4d_tiny_models import svd_family_unet
+from test_host_composition import cameras, grid_conditioning, models, references  # noqa: F401
+from test_host_exact_savings import svd_inputs, unet_call
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def short_attention_patch(comfy):
+    from mv4d.integration.patches import short_sequence_attention
+
+    return short_sequence_attention
+
+
+def stand_ins(patcher) -> int:
+    from mv4d.integration.patches.short_sequence_attention import ShortSequenceSelfAttention
+
+    return sum(isinstance(patch, ShortSequenceSelfAttention) for patch in patcher.object_patches.values())
+
+
+def test_every_self_attention_gets_the_stand_in_and_the_cpu_takes_the_original(short_attention_patch):
+    plain = svd_family_unet("svd", seed=0)
+    patched = short_attention_patch.with_short_sequence_attention(plain)
+    attn1 = short_attention_patch.self_attention_paths(plain.model.diffusion_model)
+    assert attn1 and any(".time_stack." in path for path in attn1)  # spatial and temporal layers alike
+    assert stand_ins(patched) == len(attn1) and stand_ins(plain) == 0
+    assert stand_ins(short_attention_patch.with_short_sequence_attention(patched)) == len(attn1)  # not stacked
+    x, context, conds = svd_inputs()
+    assert torch.equal(unet_call(patched, x, context, **conds), unet_call(plain, x, context, **conds))
+
+
+def test_the_composed_guider_patches_both_models_unless_told_not_to(mv4d_nodes, models, cameras, references):  # noqa: F811
+    from mv4d.integration.composed_guider import ComposedGuider
+    from mv4d.kernels.composition import GuiderSettings
+
+    conditioning, _ = grid_conditioning(mv4d_nodes, models, cameras, references)
+    for taken in (True, False):
+        guider = ComposedGuider(models["svd"][0], models["sv3d_p"][0], conditioning,
+                                GuiderSettings(short_sequence_attention=taken))
+        assert all(bool(stand_ins(role.model)) == taken for role in guider.roles)
+    assert not stand_ins(models["svd"][0]) and not stand_ins(models["sv3d_p"][0])  # the MODELs given stay as they are
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="Triton is not installed here (pip install triton): this check runs the kernel under "
+                           "Triton's interpreter")
+def test_under_the_interpreter_the_temporal_layers_take_the_kernel_and_match(comfy):
+    host = Path(comfy.__file__).parent  # the comfy fixture is ComfyUI's folder_paths module, at the host's root
+    code = f"""
+        import importlib.util, json, sys
+        sys.path[:0] = [{str(host)!r}, {str(Path(__file__).parent)!r}]
+        spec = importlib.util.spec_from_file_location("mv4d", {str(ROOT / "__init__.py")!r}, submodule_search_locations=[{str(ROOT)!r}])
+        sys.modules["mv4d"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["mv4d"])
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        import torch
+        from mv4d.integration.patches import short_sequence_attention as patch
+        from mv4d_tiny_models import svd_family_unet
+        from test_host_exact_savings import svd_inputs, unet_call
+        taken, decide = [], patch.ShortSequenceSelfAttention.takes_kernel
+        def counting(self, x, *rest):
+            taken.append((x.shape[1], decide(self, x, *rest)))
+            return taken[-1][1]
+        patch.ShortSequenceSelfAttention.takes_kernel = counting
+        plain = svd_family_unet("svd", seed=0)
+        x, context, conds = svd_inputs()
+        expected = unet_call(plain, x, context, **conds)
+        got = unet_call(patch.with_short_sequence_attention(plain), x, context, **conds)
+        print(json.dumps({{"difference": float((got - expected).abs().max()), "scale": float(expected.abs().max()),
+                           "taken": taken}}))
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    # the temporal layers' 3 frames took the kernel (so did the tiny model's spatial layers: 8 x 8 latents are 64
+    # tokens, within one tile)
+    assert 3 in {tokens for tokens, kernel in found["taken"] if kernel}
+    assert found["difference"] <= 1e-5 * found["scale"]
