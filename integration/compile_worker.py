@@ -46,7 +46,9 @@ def write_job(module, arguments: tuple, function, path: Path, attention: dict[st
         "function": [function.__module__, function.__qualname__], "path": str(path),
         "device": str(tensors_in(arguments)[0].device),
         "autograd": autograd_state(), "fingerprint": module_fingerprint(module), "attention": attention,
-        "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
+        # global state the saved guards check (Dynamo's GLOBAL_STATE): compiled under other values, the sampling
+        # process would refuse every call
+        "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
     }
     try:
         (job / HEADER).write_text(json.dumps(header))
@@ -94,6 +96,7 @@ def run_job(job: Path) -> None:
     arguments = on_device(skeleton["arguments"], device, skeleton["inference"])
     function = getattr(importlib.import_module(header["function"][0]), header["function"][1])
     torch.set_default_dtype(getattr(torch, header["default_dtype"]))
+    torch.set_num_threads(header["torch_threads"])
     mode = {"inference": torch.inference_mode(), "no_grad": torch.no_grad(), "grad": torch.enable_grad()}[header["autograd"]]
     with mode:
         built = build(function, module, arguments, Path(header["path"]))
