@@ -99,7 +99,13 @@ def test_training_changes_only_the_adapters_lowers_held_out_loss_and_saved_adapt
     assert any(float(p.abs().max()) > 0 for p in adapters.parameters())  # the adapters: trained
     loaded, extra = load_adapters(tmp_path / "a.safetensors")
     assert loaded.info.steps_trained == 60 and any(key.startswith("optimizer.") for key in extra)
-    assert torch.equal(sample(mv4d_nodes, composite_of(parts, loaded), parts), sample(mv4d_nodes, composite, parts))
+    trained_weights = adapters.state_dict()
+    assert loaded.state_dict().keys() == trained_weights.keys()
+    assert all(torch.equal(weight, trained_weights[key]) for key, weight in loaded.state_dict().items())  # bit for bit
+    # the same weights in other memory: CPU matrix kernels may round differently by alignment (seen here: 3e-4 on
+    # values up to 520), so the samples agree to float32 rounding, not bit for bit
+    reloaded, expected = sample(mv4d_nodes, composite_of(parts, loaded), parts), sample(mv4d_nodes, composite, parts)
+    assert torch.allclose(reloaded, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_a_resumed_training_equals_an_uninterrupted_one_and_an_interrupted_one_keeps_its_checkpoint(parts, tmp_path):

@@ -197,7 +197,11 @@ def test_chunked_masks_and_attention_equal_the_whole(mode):
     whole = mask.dense()
     chunks = mask.query_chunks(max_bytes=12 * 192 * 16 * 6)  # a few rows at a time
     assert len(chunks) > 4
-    assert torch.equal(torch.cat([mask.dense(None, rows) for rows in chunks], dim=1), whole)
+    chunked_mask = torch.cat([mask.dense(None, rows) for rows in chunks], dim=1)
+    if mode == "hard":
+        assert torch.equal(chunked_mask, whole)
+    else:  # float32 distances computed in other batch shapes: equal to rounding (seen: 1e-4 on values up to 125)
+        assert torch.allclose(chunked_mask, whole, rtol=0, atol=1e-6 * float(whole.abs().max()))
 
     query = torch.randn(6, 2, 192, 8, generator=generator)
     key = torch.randn(6, 2, 192, 8, generator=generator)
@@ -206,7 +210,8 @@ def test_chunked_masks_and_attention_equal_the_whole(mode):
     if mode == "hard":
         reference = reference.masked_fill(~mask.sdpa_mask().any(-1, keepdim=True), 0)
     chunked = epipolar_attention(query, key, value, mask, max_mask_bytes=6 * 192 * 16 * 7)
-    assert torch.allclose(chunked, reference, atol=1e-6)
+    # the soft mask rounds by chunk (above): 1e-4 in a logit moves its weight by 1e-4 relative
+    assert torch.allclose(chunked, reference, atol=1e-4)
     assert torch.isfinite(chunked).all()
 
 
