@@ -31,6 +31,22 @@ LEVEL_CHANNELS = (320, 640, 1280)
 LAYERS_PER_LEVEL = 5  # two in the input blocks, three in the output blocks
 
 
+def add_setting_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The paper setting and call sizes whose attention calls are timed (bench/short_attention.py takes them too)."""
+    parser.add_argument("--size", type=int, default=576)
+    parser.add_argument("--views", type=int, default=21)
+    parser.add_argument("--frames", type=int, default=25)
+    parser.add_argument("--per-call", default="7,5", help="videos per SVD call, multi-view sets per SV3D call")
+    parser.add_argument("--repeats", type=int, default=repeats)
+
+
+def model_calls(args) -> list[tuple[str, int, int, int]]:
+    """(model, images per call with cond and uncond batched, sequence of the temporal layers, calls per joint step)."""
+    videos, sets = (int(n) for n in args.per_call.split(","))
+    return [("svd", 2 * videos * args.frames, args.frames, args.views // videos),
+            ("sv3d", 2 * sets * args.views, args.views, args.frames // sets)]
+
+
 def only(backend: SDPBackend | None):
     return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
 
@@ -69,21 +85,13 @@ def agrees(backend: SDPBackend, q, k, v, reference: torch.Tensor) -> float | Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=576)
-    parser.add_argument("--views", type=int, default=21)
-    parser.add_argument("--frames", type=int, default=25)
-    parser.add_argument("--per-call", default="7,5", help="videos per SVD call, multi-view sets per SV3D call")
-    parser.add_argument("--repeats", type=int, default=5)
+    add_setting_arguments(parser, repeats=5)
     parser.add_argument("--backends", default="default,flash,efficient,cudnn,math")
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     videos, sets = (int(n) for n in args.per_call.split(","))
     latent = args.size // 8
-    # (model, images per call with cond and uncond batched, sequence of the temporal layers, calls per joint step)
-    models = [
-        ("svd", 2 * videos * args.frames, args.frames, args.views // videos),
-        ("sv3d", 2 * sets * args.views, args.views, args.frames // sets),
-    ]
+    models = model_calls(args)
     rows, totals, shapes_run = [], {name: 0.0 for name in args.backends.split(",")}, {}
     best_total = 0.0
     for model, images, sequence, calls in models:

@@ -32,9 +32,9 @@ if "mv4d" not in sys.modules:  # the repository root is the package mv4d
 
 import mv4d.kernels.short_attention  # noqa: E402,F401  (registers torch.ops.mv4d.short_attention)
 
-HEAD_CHANNELS = 64
-LEVEL_CHANNELS = (320, 640, 1280)
-LAYERS_PER_LEVEL = 5
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_backends import HEAD_CHANNELS, LAYERS_PER_LEVEL, LEVEL_CHANNELS, add_setting_arguments, model_calls  # noqa: E402
+from matmul_shapes import gpu_seconds  # noqa: E402
 
 
 def projections(batch: int, tokens: int, heads: int, device, dtype) -> torch.Tensor:
@@ -48,18 +48,6 @@ def heads_first(projected: torch.Tensor, heads: int) -> torch.Tensor:
     return projected.view(batch, tokens, heads, HEAD_CHANNELS).transpose(1, 2)
 
 
-def seconds_per_call(function, repeats: int) -> float:
-    function()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        function()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000.0 / repeats
-
-
 def sdpa(backend: SDPBackend | None, heads: int, q, k, v) -> torch.Tensor:
     """ComfyUI's attention_pytorch: heads transposed out, PyTorch's attention, heads merged back."""
     batch, tokens, width = q.shape
@@ -70,21 +58,14 @@ def sdpa(backend: SDPBackend | None, heads: int, q, k, v) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=576)
-    parser.add_argument("--views", type=int, default=21)
-    parser.add_argument("--frames", type=int, default=25)
-    parser.add_argument("--per-call", default="7,5", help="videos per SVD call, multi-view sets per SV3D call")
-    parser.add_argument("--repeats", type=int, default=10)
+    add_setting_arguments(parser, repeats=10)
     parser.add_argument("--check-only", action="store_true", help="only compare with float32 attention (no timing)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
     videos, sets = (int(n) for n in args.per_call.split(","))
     latent = args.size // 8
-    # (model, images per call with cond and uncond batched, temporal sequence, calls per joint step); as
-    # bench/attention_backends.py counts them
-    models = [("svd", 2 * videos * args.frames, args.frames, args.views // videos),
-              ("sv3d", 2 * sets * args.views, args.views, args.frames // sets)]
+    models = model_calls(args)  # as bench/attention_backends.py counts them
     backends = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     totals = {name: 0.0 for name in [*backends, "mv4d"]}
     for model, images, sequence, calls in models:
@@ -104,7 +85,7 @@ def main() -> None:
                                       for name, run in kernels.items()}}
             if not args.check_only:
                 for name, run in kernels.items():
-                    seconds = seconds_per_call(run, args.repeats)
+                    seconds = gpu_seconds(run, args.repeats)
                     row["ms"][name] = round(seconds * 1e3, 3)
                     totals[name] += seconds * row["calls_per_step"]
                 moved = 4 * q.numel() * q.element_size()  # q, k, v read and the output written, once each

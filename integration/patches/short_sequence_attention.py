@@ -10,25 +10,14 @@ as a change of attention backend gives.
 
 from __future__ import annotations
 
-import comfy.ldm.modules.attention as comfy_attention
 import torch
 
 from ...kernels import short_attention as kernel
-from ..multi_gpu import keep_clones_matched
-
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+from .attention_stand_ins import AttentionStandIn, attention_paths, with_stand_ins
 
 
-class ShortSequenceSelfAttention(torch.nn.Module):
-    """Stands in for a CrossAttention module used as self-attention. It registers the original's projections under
-    the same names, so weight paths (LoRA, low-VRAM casting, ComfyUI's weight patches) are unchanged."""
-
-    def __init__(self, attention: torch.nn.Module):
-        super().__init__()
-        for name in PROJECTIONS:
-            setattr(self, name, getattr(attention, name))
-        self.heads = attention.heads
-        object.__setattr__(self, "original", attention)  # not a submodule: its weights are the ones registered above
+class ShortSequenceSelfAttention(AttentionStandIn):
+    """Stands in for a CrossAttention module used as self-attention (attn1) during sampling."""
 
     def takes_kernel(self, x, context, value, mask, transformer_options) -> bool:
         return (context is None and value is None and mask is None and x.dim() == 3
@@ -37,27 +26,17 @@ class ShortSequenceSelfAttention(torch.nn.Module):
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options=None):
         if not self.takes_kernel(x, context, value, mask, transformer_options):
-            return self.original(x, context=context, value=value, mask=mask, transformer_options=transformer_options or {})
+            return self.call_original(x, context, value, mask, transformer_options)
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         return self.to_out(torch.ops.mv4d.short_attention(q, k, v, self.heads))
 
 
-def self_attention_paths(diffusion_model: torch.nn.Module) -> list[str]:
-    """The names of every self-attention module (attn1) of a UNet, stand-ins included (a model that another clone
-    is sampling with holds that clone's object patches)."""
-    return [name for name, module in diffusion_model.named_modules() if name.rsplit(".", 1)[-1] == "attn1"
-            and isinstance(module, (comfy_attention.CrossAttention, ShortSequenceSelfAttention))]
+def self_attention_paths(diffusion_model) -> list[str]:
+    """The names of every self-attention module (attn1) of a UNet, stand-ins included."""
+    return attention_paths(diffusion_model, "attn1", ShortSequenceSelfAttention)
 
 
 def with_short_sequence_attention(model):
     """A clone of the ModelPatcher whose self-attention over short sequences runs the one-tile kernel while it
     samples (where the kernel cannot run, e.g. without Triton or on the CPU, every call takes the original)."""
-    patched = model.clone()
-    diffusion_model = patched.get_model_object("diffusion_model")
-    for path in self_attention_paths(diffusion_model):
-        key = f"diffusion_model.{path}"
-        attention = patched.get_model_object(key)
-        if not isinstance(attention, ShortSequenceSelfAttention):
-            patched.add_object_patch(key, ShortSequenceSelfAttention(attention))
-    keep_clones_matched(patched)  # the model's copies on other GPUs take the patch too
-    return patched
+    return with_stand_ins(model, "attn1", ShortSequenceSelfAttention)
