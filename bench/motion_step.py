@@ -3,7 +3,9 @@
 Real-size SD1.5 UNet, v3 motion modules (21 modules, 32-frame tables) and CameraCtrl pose encoder + qkv_merge are
 built with the released architectures and random weights (compute does not depend on the values), in bf16. One
 16-frame video with CFG (a UNet call of 32 images) is denoised through core's CFGGuider and euler sampler, at each
-size asked. Reports per size and path: seconds per step (after a warm-up), FLOPs per step (torch's flop counter),
+size asked, with the temporal attention through mv4d's short-sequence kernel (the default where Triton runs) and,
+path "v3_pytorch_attention", through ComfyUI's attention. Reports per size and path: seconds per step (after a
+warm-up), FLOPs per step (torch's flop counter, which does not count the kernel's: compare paths by seconds),
 TFLOP/s, peak VRAM. One JSON line.
 
     python -P bench/motion_step.py                                  # 256 and 512 px, with and without CameraCtrl
@@ -78,10 +80,12 @@ def main() -> None:
     positive = [[torch.randn(1, 77, context, generator=generator), {}]]
     negative = [[torch.randn(1, 77, context, generator=generator), {}]]
     video = with_motion(base, motion)
+    video_pytorch_attention = with_motion(base, motion, short_sequence_attention=False)
     peak = PeakVram() if cuda else None
     for size in [int(s) for s in args.sizes.split(",")]:
         cameras = orbit_rig(args.frames, 10.0, 2.0, 45.0, size, size, span_deg=60.0)
-        for path, model in (("v3", video), ("v3+cameractrl", with_camera_control(video, control, cameras))):
+        for path, model in (("v3", video), ("v3_pytorch_attention", video_pytorch_attention),
+                            ("v3+cameractrl", with_camera_control(video, control, cameras))):
             guider = comfy.samplers.CFGGuider(model)
             guider.set_conds(positive, negative)
             guider.set_cfg(7.5)

@@ -62,8 +62,9 @@ def write_job(module, arguments: tuple, function, path: Path, attention: dict[st
 
 
 def start_worker(job: Path, compile_threads: int) -> subprocess.Popen:
-    """The worker process, at a lower CPU priority than sampling, its output in the job folder."""
-    environment = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(compile_threads))
+    """The worker process, at a lower CPU priority than sampling, its output in the job folder. compile_threads:
+    inductor's processes for compiling kernels, unless the user set TORCHINDUCTOR_COMPILE_THREADS (kept as set)."""
+    environment = {"TORCHINDUCTOR_COMPILE_THREADS": str(compile_threads), **os.environ}
     if os.name == "posix":
         priority = {"preexec_fn": lambda: os.nice(5)}
     else:  # Windows has no preexec_fn; its priority class says the same

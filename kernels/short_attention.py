@@ -78,3 +78,12 @@ def fits(tokens: int, width: int, heads: int, dtype: torch.dtype) -> bool:
     """Whether a (batch, tokens, width) self-attention with this many heads is one the kernel takes."""
     return (0 < tokens <= MAX_TOKENS and width % heads == 0 and width // heads <= MAX_HEAD_CHANNELS
             and dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
+    """Whether the kernel takes this (q, k, v, heads) call: a self-attention that `fits`, on a device where the
+    kernel runs, with q, k and v of one shape whose channels are contiguous (the kernel steps through the tokens
+    and the batch by their strides, not through the channels)."""
+    return (q.dim() == 3 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
+            and all(tensor.stride(-1) == 1 for tensor in (q, k, v))
+            and runs_on(q.device) and fits(q.shape[1], q.shape[2], heads, q.dtype))

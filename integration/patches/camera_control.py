@@ -13,7 +13,7 @@ from ...kernels.cameras import CameraRig
 from ...kernels.models.cameractrl import QKV_MERGE_PATH, UNSHUFFLE, CameraPoseEncoder, trajectory_rays
 from ..node_errors import kernel_errors_as_node_errors
 from .conds import OPTIONS, call_data
-from .motion import call_grid, comfy_attention_function, with_motion_additions
+from .motion import call_grid, temporal_attention, with_motion_additions
 from .shared import SharedPatch
 
 CAMERA_KEY = "mv4d_cameractrl"
@@ -45,7 +45,7 @@ class PoseFeatures(SharedPatch):
         if self.cached[0] != key:
             with kernel_errors_as_node_errors(APPLY_NODE):
                 rays = trajectory_rays(self.cameras, grid, x.shape[-2] * UNSHUFFLE, x.shape[-1] * UNSHUFFLE)
-                levels = self.control.encoder(rays.to(x), grid, comfy_attention_function)
+                levels = self.control.encoder(rays.to(x), grid, temporal_attention)
             self.cached = (key, levels)
         return self.cached[1]
 

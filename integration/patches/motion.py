@@ -24,6 +24,7 @@ import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
+from ...kernels import short_attention
 from ...kernels.grid import GRID_OPTION, Grid
 from ...kernels.models.motion import ModuleCall, MotionModel
 from ..node_errors import kernel_errors_as_node_errors
@@ -39,6 +40,17 @@ ANIMATEDIFF_SCHEDULE = {"beta_schedule": "sqrt_linear", "linear_start": 0.00085,
 
 def comfy_attention_function(q, k, v, heads):
     return comfy_attention.optimized_attention(q, k, v, heads)
+
+
+def temporal_attention(q, k, v, heads):
+    """The frames of each video attending to each other (16-32 tokens per sequence, one sequence per token
+    position): mv4d's one-tile kernel where it takes the call (a GPU with Triton, heads of at most 128 channels,
+    so AnimateDiff's 320- and 640-channel levels), ComfyUI's attention otherwise. PyTorch's kernels tile by 64-128
+    queries and run such short sequences several times slower than their memory traffic allows
+    (kernels/short_attention.py); the result is the same up to rounding."""
+    if short_attention.takes(q, k, v, heads):
+        return torch.ops.mv4d.short_attention(q, k, v, heads)
+    return comfy_attention_function(q, k, v, heads)
 
 
 @dataclass
@@ -92,14 +104,14 @@ class MotionInjection(SharedPatch):
 class MotionForward(SharedPatch):
     """forward_timestep_embed patch for MotionModule: the module with this call's grid, attention and poses."""
 
-    def __init__(self, cross_frame_norm: bool):
-        self.cross_frame_norm = cross_frame_norm
+    def __init__(self, cross_frame_norm: bool, attention=temporal_attention):
+        self.cross_frame_norm, self.attention = cross_frame_norm, attention
 
     def __call__(self, layer, x, emb, context, transformer_options, *args, **kwargs):
         grid = call_grid(transformer_options, x.shape[0])
         data = call_data(transformer_options)  # CameraCtrl's pose features and CVD's pairing, when their patches set them
         with kernel_errors_as_node_errors(APPLY_NODE):
-            return layer(x, ModuleCall(grid, comfy_attention_function, data.get("camera_features", {}).get(layer.pose_level),
+            return layer(x, ModuleCall(grid, self.attention, data.get("camera_features", {}).get(layer.pose_level),
                                        data.get("pose_scale", 1.0), self.cross_frame_norm, data.get("cross_video")))
 
 
@@ -182,17 +194,21 @@ def has_motion(model) -> str | None:
 
 
 def with_motion(model, motion: MotionModel, frames: int = 0, sampling: bool = True,
-                cross_frame_norm: bool | None = None, additions: MotionAdditions | None = None):
+                cross_frame_norm: bool | None = None, additions: MotionAdditions | None = None,
+                short_sequence_attention: bool = True):
     """A clone of `model` with the motion modules injected. sampling: switch to AnimateDiff's schedule.
     cross_frame_norm: v1's cross-frame GroupNorm (default: as the version was trained). additions: modules other
-    patches hang on the motion modules (alignment layers, qkv_merge, cross-video modules)."""
+    patches hang on the motion modules (alignment layers, qkv_merge, cross-video modules).
+    short_sequence_attention: the temporal attention through mv4d's kernel where it runs (`temporal_attention`);
+    False: always ComfyUI's attention."""
     cross_frame_norm = motion.version.cross_frame_norm if cross_frame_norm is None else cross_frame_norm
     patched = model.clone()
     carry_mv4d_conds(patched)
     patched.set_additional_models(MOTION_KEY, [motion_patcher(motion)])
     injection = MotionInjection(motion, additions or MotionAdditions())
     patched.set_injections(MOTION_KEY, [comfy.patcher_extension.PatcherInjection(inject=injection.inject, eject=injection.eject)])
-    patched.set_model_forward_timestep_embed_patch((injection.module_class, MotionForward(cross_frame_norm)))
+    attention = temporal_attention if short_sequence_attention else comfy_attention_function
+    patched.set_model_forward_timestep_embed_patch((injection.module_class, MotionForward(cross_frame_norm, attention)))
     if frames:
         patched.model_options.setdefault("transformer_options", {})[FRAMES_OPTION] = frames
     if cross_frame_norm:

@@ -47,7 +47,7 @@ def test_short_sequence_attention_gives_the_same_grid_in_bf16(guider_module, mon
 
 
 def pytorch_attention(q, k, v, heads: int) -> torch.Tensor:
-    """ComfyUI's attention_pytorch on (batch, tokens, heads * 64) projections."""
+    """ComfyUI's attention_pytorch on (batch, tokens, heads * c) projections."""
     batch, tokens, width = q.shape
     split = [t.view(batch, tokens, heads, width // heads).transpose(1, 2) for t in (q, k, v)]
     return torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).reshape(batch, tokens, width)
@@ -58,23 +58,53 @@ def doubled_short_attention(q, k, v, heads: int) -> torch.Tensor:
 
 
 def test_the_short_attention_kernel_at_the_temporal_shapes_eager_and_compiled():
-    """bf16 at SVD's and SV3D's temporal shapes: as close to float32 attention as PyTorch's own bf16 kernel, and a
-    compiled graph that calls the operator runs the kernel (the same values up to rounding)."""
+    """bf16 at SVD's and SV3D's temporal shapes (64-channel heads) and AnimateDiff's (16 frames, 8 heads of 40 / 80
+    channels): as close to float32 attention as PyTorch's own bf16 kernel, and a compiled graph that calls the
+    operator runs the kernel (the same values up to rounding)."""
     from mv4d.kernels import short_attention  # noqa: F401  (registers the operator)
 
     generator = torch.Generator("cuda").manual_seed(0)
     compiled = torch.compile(doubled_short_attention, fullgraph=True, dynamic=False)
-    for tokens, heads in ((25, 5), (21, 10), (25, 20), (64, 2), (1, 5)):
-        q, k, v = torch.randn(3, 4096, tokens, heads * 64, device="cuda", dtype=torch.bfloat16, generator=generator).unbind(0)
+    for tokens, heads, channels in ((25, 5, 64), (21, 10, 64), (25, 20, 64), (64, 2, 64), (1, 5, 64), (16, 8, 40), (16, 8, 80)):
+        q, k, v = torch.randn(3, 4096, tokens, heads * channels, device="cuda", dtype=torch.bfloat16, generator=generator).unbind(0)
         reference = pytorch_attention(q.float(), k.float(), v.float(), heads)
         errors = {name: ((out.float() - reference).norm() / reference.norm()).item()
                   for name, out in (("kernel", torch.ops.mv4d.short_attention(q, k, v, heads)),
                                     ("pytorch", pytorch_attention(q, k, v, heads)))}
-        print(f"{tokens} tokens, {heads} heads: relative error against float32 {errors}")
+        print(f"{tokens} tokens, {heads} heads of {channels}: relative error against float32 {errors}")
         assert errors["kernel"] <= 1.5 * errors["pytorch"] + 1e-4
         eager = doubled_short_attention(q, k, v, heads)
         # inductor compiles the same kernel with its own options: equal up to one bf16 rounding
         assert torch.allclose(compiled(q, k, v, heads).float(), eager.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_a_motion_module_with_the_kernel_is_as_close_to_float32_as_with_pytorch_attention():
+    """AnimateDiff's motion module at its first level's real width (320 channels, 8 heads of 40, 16 frames) in bf16:
+    with the kernel for its temporal attention it is as close to the float32 module as with PyTorch's attention."""
+    from mv4d.kernels.grid import Grid
+    from mv4d.kernels.models.motion import ModuleCall, MotionModule, sdpa_attention
+
+    module = MotionModule(320)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) / max(1, parameter.shape[-1]) ** 0.5)
+    module = module.cuda()
+    x = torch.randn(2 * 16, 320, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    grid = Grid(1, 16)
+    taken = []
+
+    def kernel(q, k, v, heads):
+        taken.append(q.shape)
+        return torch.ops.mv4d.short_attention(q, k, v, heads)
+
+    with torch.no_grad():
+        reference = module(x, ModuleCall(grid, sdpa_attention))
+        half = module.to(torch.bfloat16)
+        errors = {name: ((half(x.to(torch.bfloat16), ModuleCall(grid, attention)).float() - reference).norm() / reference.norm()).item()
+                  for name, attention in (("kernel", kernel), ("pytorch", sdpa_attention))}
+    print(f"motion module, 320 channels, 16 frames, bf16: relative error against float32 {errors}")
+    assert taken and errors["kernel"] <= 1.5 * errors["pytorch"] + 1e-4
 
 
 def test_fused_elementwise_gives_the_same_grid_in_bf16(guider_module):  # noqa: F811

@@ -61,12 +61,16 @@ def test_the_composed_guider_patches_both_models_unless_told_not_to(mv4d_nodes, 
     assert not stand_ins(models["svd"][0]) and not stand_ins(models["sv3d_p"][0])  # the MODELs given stay as they are
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="Triton is not installed here (pip install triton): this check runs the kernel under "
-                           "Triton's interpreter")
-def test_under_the_interpreter_the_temporal_layers_take_the_kernel_and_match(comfy):
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed here (pip install triton): this check runs the kernel "
+                                         "under Triton's interpreter")
+
+
+def run_under_interpreter(comfy, code: str) -> dict:
+    """Run `code` (which ends by printing one JSON line) in a child Python with Triton's interpreter on (Triton
+    decides between interpreter and compiler when a kernel is defined), ComfyUI on the CPU and mv4d importable."""
     host = Path(comfy.__file__).parent  # the comfy fixture is ComfyUI's folder_paths module, at the host's root
-    code = f"""
+    setup = f"""
         import importlib.util, json, sys
         sys.path[:0] = [{str(host)!r}, {str(Path(__file__).parent)!r}]
         spec = importlib.util.spec_from_file_location("mv4d", {str(ROOT / "__init__.py")!r}, submodule_search_locations=[{str(ROOT)!r}])
@@ -74,6 +78,17 @@ def test_under_the_interpreter_the_temporal_layers_take_the_kernel_and_match(com
         spec.loader.exec_module(sys.modules["mv4d"])
         import comfy.cli_args
         comfy.cli_args.args.cpu = True
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(setup) + textwrap.dedent(code)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+def test_under_the_interpreter_the_temporal_layers_take_the_kernel_and_match(comfy):
+    found = run_under_interpreter(comfy, """
         import torch
         from mv4d.integration.patches import short_sequence_attention as patch
         from mv4d_tiny_models import svd_family_unet
@@ -87,15 +102,60 @@ def test_under_the_interpreter_the_temporal_layers_take_the_kernel_and_match(com
         x, context, conds = svd_inputs()
         expected = unet_call(plain, x, context, **conds)
         got = unet_call(patch.with_short_sequence_attention(plain), x, context, **conds)
-        print(json.dumps({{"difference": float((got - expected).abs().max()), "scale": float(expected.abs().max()),
-                           "taken": taken}}))
-    """
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps({"difference": float((got - expected).abs().max()), "scale": float(expected.abs().max()),
+                          "taken": taken}))
+    """)
     # the temporal layers' 3 frames took the kernel (so did the tiny model's spatial layers: 8 x 8 latents are 64
     # tokens, within one tile)
     assert 3 in {tokens for tokens, kernel in found["taken"] if kernel}
     assert found["difference"] <= 1e-5 * found["scale"]
+
+
+def test_motion_modules_take_comfyui_attention_on_the_cpu(comfy):
+    """Without Triton's GPU compiler (or its interpreter) the motion modules' attention is ComfyUI's, bit for bit,
+    whichever way the patch was asked for."""
+    from mv4d.integration.patches.motion import with_motion
+    from mv4d_tiny_models import TEXT_DIM, tiny_motion_module, tiny_sd15_checkpoint
+    from test_host_motion import unet_output
+
+    model = tiny_sd15_checkpoint()[0]
+    generator = torch.Generator().manual_seed(1)
+    x, context = torch.randn(8, 4, 8, 8, generator=generator), torch.randn(8, 77, TEXT_DIM, generator=generator)
+    with_kernel, without = (unet_output(with_motion(model, tiny_motion_module("v3"), sampling=False, short_sequence_attention=used),
+                                        x, 500, context) for used in (True, False))
+    assert torch.equal(with_kernel, without)
+
+
+@needs_triton
+def test_under_the_interpreter_motion_modules_and_cameractrl_take_the_kernel_and_match(comfy):
+    """AnimateDiff's temporal attention (8 frames here, 8 heads) and CameraCtrl's pose encoder take the kernel; the
+    prediction matches ComfyUI's attention."""
+    found = run_under_interpreter(comfy, """
+        import torch
+        from mv4d.integration.patches import motion
+        from mv4d.integration.patches.camera_control import with_camera_control
+        from mv4d.kernels import short_attention
+        from mv4d.kernels.cameras import orbit_rig
+        from mv4d_tiny_models import TEXT_DIM, tiny_cameractrl, tiny_motion_module, tiny_sd15_checkpoint
+        from test_host_motion import unet_output
+        taken, decide, allowed = [], short_attention.takes, [False]
+        def counting(q, k, v, heads):  # allowed[0] False: every call takes ComfyUI's attention (the oracle)
+            taken.append([q.shape[1], q.shape[2] // heads, allowed[0] and decide(q, k, v, heads)])
+            return taken[-1][2]
+        short_attention.takes = counting
+        model = tiny_sd15_checkpoint()[0]
+        generator = torch.Generator().manual_seed(1)
+        x, context = torch.randn(8, 4, 8, 8, generator=generator), torch.randn(8, 77, TEXT_DIM, generator=generator)
+        cameras = orbit_rig(8, 10.0, 2.0, 33.8, 64, 64, span_deg=90.0)
+        out = {}
+        for used in (False, True):
+            allowed[0] = used  # (CameraCtrl's pose encoder asks `takes` whatever the motion modules were told)
+            video = motion.with_motion(model, tiny_motion_module("v3"), sampling=False, short_sequence_attention=used)
+            out[used] = unet_output(with_camera_control(video, tiny_cameractrl(), cameras), x, 500, context)
+        print(json.dumps({"difference": float((out[True] - out[False]).abs().max()), "scale": float(out[False].abs().max()),
+                          "taken": taken}))
+    """)
+    kernel_calls = [(tokens, channels) for tokens, channels, kernel in found["taken"] if kernel]
+    assert kernel_calls and {tokens for tokens, _ in kernel_calls} == {8}  # every temporal call: the video's 8 frames
+    assert {channels for _, channels in kernel_calls} == {8, 16}  # heads of the 64- and 128-channel levels
+    assert found["difference"] <= 1e-5 * found["scale"], found["difference"]

@@ -96,3 +96,18 @@ def test_the_kernel_runs_where_triton_does(monkeypatch):
     assert short_attention.runs_on(torch.device("cuda")) == short_attention.TRITON
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert short_attention.runs_on(torch.device("cpu")) == short_attention.TRITON
+
+
+def test_takes_only_calls_whose_channels_the_kernel_can_step_through(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel "runs" on the CPU, so only the call decides
+    q = torch.randn(4, 16, 64)
+    assert short_attention.takes(q, q, q, 8) == short_attention.TRITON
+    fused = torch.randn(4, 16, 192)
+    assert short_attention.takes(*fused.split(64, dim=-1), 8) == short_attention.TRITON  # strided tokens: fine
+    transposed = torch.randn(4, 64, 16).transpose(1, 2)  # channels 16 apart: the kernel reads them as neighbours
+    assert not short_attention.takes(transposed, q, q, 8)
+    assert not short_attention.takes(q, torch.randn(4, 20, 64), torch.randn(4, 20, 64), 8)  # cross-attention
+    assert not short_attention.takes(q, q, q.to(torch.float16), 8)
+    assert not short_attention.takes(torch.randn(4, 65, 64), torch.randn(4, 65, 64), torch.randn(4, 65, 64), 8)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not short_attention.takes(q, q, q, 8)  # the CPU without the interpreter
