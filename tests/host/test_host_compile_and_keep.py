@@ -279,6 +279,18 @@ def test_a_call_that_cannot_be_sent_to_a_compile_process_compiles_before_the_cal
     assert set(Path(tempfile.gettempdir()).glob("mv4d-compile-*")) == jobs_before  # no job folder left behind
 
 
+def test_a_worker_compiles_with_the_threads_given_unless_the_user_set_inductors(comfy, tmp_path, monkeypatch):
+    from mv4d.integration import compile_worker
+
+    started = []
+    monkeypatch.setattr(compile_worker.subprocess, "Popen", lambda command, **options: started.append(options["env"]))
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    compile_worker.start_worker(tmp_path, 8)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    compile_worker.start_worker(tmp_path, 8)
+    assert [env["TORCHINDUCTOR_COMPILE_THREADS"] for env in started] == ["8", "3"]
+
+
 def test_a_failed_save_leaves_no_file(comfy, tmp_path, monkeypatch):
     from torch._dynamo.aot_compile import AOTCompiledFunction
 
