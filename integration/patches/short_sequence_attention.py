@@ -2,9 +2,10 @@
 
 The video UNets' temporal layers (SVD, SV3D) attend over 25 frames or 21 views per token; PyTorch's attention
 kernels run those calls about 5x slower than their memory traffic allows, and the kernel does not. The patch stands
-in for every self-attention module (attn1) of a UNet: calls of at most 64 tokens, without a mask, on a device where
-the kernel runs, take the kernel; every other call (the spatial layers' thousands of tokens, a mask, a model run
-on the CPU, one of ComfyUI's attention overrides) takes the original module unchanged. Same result up to rounding,
+in for every self-attention module (attn1) of a UNet: calls of at most 64 tokens, without a mask and without
+gradients, on a device where the kernel runs, take the kernel; every other call (the spatial layers' thousands of
+tokens, a mask, a model run on the CPU, one of ComfyUI's attention overrides, a call that may be differentiated)
+takes the original module unchanged. Same result up to rounding,
 as a change of attention backend gives.
 """
 
@@ -22,7 +23,12 @@ class ShortSequenceSelfAttention(AttentionStandIn):
     def takes_kernel(self, x, context, value, mask, transformer_options) -> bool:
         return (context is None and value is None and mask is None and x.dim() == 3
                 and "optimized_attention_override" not in (transformer_options or {})
+                and not self.gradient_asked(x)
                 and kernel.runs_on(x.device) and kernel.fits(x.shape[1], self.to_q.out_features, self.heads, x.dtype))
+
+    def gradient_asked(self, x) -> bool:
+        """Whether this call may be differentiated (the kernel has no backward, so such calls take the original)."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(weight.requires_grad for weight in self.parameters()))
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options=None):
         if not self.takes_kernel(x, context, value, mask, transformer_options):

@@ -5,6 +5,8 @@ Elementwise and MV4D Compile and Keep each give the grid of the path without the
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 import torch
 
@@ -190,3 +192,41 @@ def test_temporal_convolutions_compile_in_channels_last_3d_in_bf16():
         result, expected = compiled(x, spatial, temporal, 5).float(), video_block(x, spatial, temporal, 5).float()
     assert options["post_grad_custom_pre_pass"].rewritten == 1
     assert_same_within_bf16(expected, result, "temporal convolution in channels_last_3d")
+
+
+def test_motion_modules_with_the_kernel_give_the_same_video_in_bf16(guider_module, monkeypatch):  # noqa: F811
+    """A tiny SD1.5 + AnimateDiff v3 + CameraCtrl sampled on the GPU through ComfyUI: the motion modules' temporal
+    attention through the kernel (the default) gives the video of ComfyUI's attention within bf16 tolerance."""
+    import comfy.samplers
+
+    from mv4d.integration.patches.camera_control import with_camera_control
+    from mv4d.integration.patches.motion import with_motion
+    from mv4d.kernels import short_attention
+    from mv4d.kernels.cameras import orbit_rig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from motion_step import build
+
+    taken, decide, allowed = [], short_attention.takes, [False]
+
+    def counting(q, k, v, heads):  # allowed[0] False: every call takes ComfyUI's attention, CameraCtrl's too
+        taken.append(allowed[0] and decide(q, k, v, heads))
+        return taken[-1]
+
+    monkeypatch.setattr(short_attention, "takes", counting)
+    base, motion, control = build(True, torch.bfloat16, "cuda")
+    generator = torch.Generator().manual_seed(0)
+    positive, negative = ([[torch.randn(1, 77, 64, generator=generator), {}]] for _ in range(2))
+    noise = torch.randn(8, 4, 8, 8, generator=generator)
+    cameras = orbit_rig(8, 10.0, 2.0, 45.0, 64, 64, span_deg=60.0)
+    videos = []
+    for used in (False, True):
+        allowed[0] = used
+        guider = comfy.samplers.CFGGuider(with_camera_control(with_motion(base, motion, short_sequence_attention=used), control, cameras))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(7.5)
+        with torch.inference_mode():
+            videos.append(guider.sample(noise.clone(), torch.zeros_like(noise), comfy.samplers.sampler_object("euler"),
+                                        torch.linspace(14.6, 0.03, 5), disable_pbar=True, seed=0).float())
+    assert any(taken)
+    assert_same_within_bf16(videos[0], videos[1], "motion modules, short-sequence kernel vs ComfyUI's attention")

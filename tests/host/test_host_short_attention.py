@@ -159,3 +159,44 @@ def test_under_the_interpreter_motion_modules_and_cameractrl_take_the_kernel_and
     assert kernel_calls and {tokens for tokens, _ in kernel_calls} == {8}  # every temporal call: the video's 8 frames
     assert {channels for _, channels in kernel_calls} == {8, 16}  # heads of the 64- and 128-channel levels
     assert found["difference"] <= 1e-5 * found["scale"], found["difference"]
+
+
+@needs_triton
+def test_under_the_interpreter_calls_that_need_gradients_take_comfyuis_attention(comfy):
+    """Training through the motion modules (Vivid-ZOO's adapters) and through SVD's stand-ins differentiates the
+    attention: those calls take ComfyUI's attention (the kernel has no backward); the same calls without
+    gradients take the kernel."""
+    found = run_under_interpreter(comfy, """
+        import torch
+        from mv4d.integration.patches import short_sequence_attention as patch
+        from mv4d.integration.patches.motion import temporal_attention
+        from mv4d.kernels import short_attention
+        from mv4d.kernels.grid import Grid
+        from mv4d.kernels.models.motion import ModuleCall, MotionModule
+        from mv4d_tiny_models import svd_family_unet
+        from test_host_exact_savings import svd_inputs, unet_call
+        motion_taken, decide = [], short_attention.takes
+        short_attention.takes = lambda *call: motion_taken.append(decide(*call)) or motion_taken[-1]
+        module = MotionModule(64)
+        x = torch.randn(16, 64, 4, 4, requires_grad=True)
+        module(x, ModuleCall(Grid(1, 8), temporal_attention)).square().sum().backward()
+        trained = {"motion": [any(motion_taken), bool(x.grad.abs().sum() > 0)]}
+        motion_taken.clear()
+        with torch.no_grad():
+            module(x, ModuleCall(Grid(1, 8), temporal_attention))
+        untrained = {"motion": any(motion_taken)}
+        svd_taken, decide_svd = [], patch.ShortSequenceSelfAttention.takes_kernel
+        patch.ShortSequenceSelfAttention.takes_kernel = lambda self, *call: svd_taken.append(decide_svd(self, *call)) or svd_taken[-1]
+        unet = patch.with_short_sequence_attention(svd_family_unet("svd", seed=0))
+        unet.model.diffusion_model.requires_grad_(True)  # a LoRA trainer, say
+        x, context, conds = svd_inputs()
+        unet.patch_model()  # the stand-ins go in, as sampling puts them
+        try:
+            unet.model.apply_model(x, torch.full((len(x),), 3.0), c_crossattn=context, **conds).sum().backward()
+        finally:
+            unet.unpatch_model()
+        trained["svd"] = [any(svd_taken), len(svd_taken) > 0]
+        print(json.dumps({"trained": trained, "untrained": untrained}))
+    """)
+    assert found["trained"] == {"motion": [False, True], "svd": [False, True]}
+    assert found["untrained"] == {"motion": True}

@@ -109,5 +109,9 @@ def test_takes_only_calls_whose_channels_the_kernel_can_step_through(monkeypatch
     assert not short_attention.takes(q, torch.randn(4, 20, 64), torch.randn(4, 20, 64), 8)  # cross-attention
     assert not short_attention.takes(q, q, q.to(torch.float16), 8)
     assert not short_attention.takes(torch.randn(4, 65, 64), torch.randn(4, 65, 64), torch.randn(4, 65, 64), 8)
+    trained = torch.randn(4, 16, 64, requires_grad=True)  # the kernel has no backward
+    assert not short_attention.takes(trained, q, q, 8)
+    with torch.no_grad():
+        assert short_attention.takes(trained, q, q, 8) == short_attention.TRITON
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not short_attention.takes(q, q, q, 8)  # the CPU without the interpreter
