@@ -5,7 +5,8 @@ hundreds of thousands of sequences per call. Such attention is bound by memory (
 written once). This times each temporal attention call of one Diffusion² joint step (the calls as
 bench/attention_backends.py counts them) with PyTorch's default, memory-efficient and cuDNN kernels, in the layout
 ComfyUI's attention_pytorch hands them over, and with `torch.ops.mv4d.short_attention` on the projections as they
-are; errors against float32 attention; the step's seconds per kernel. `--motion`: instead, the temporal attention
+are, eager and inside torch.compile (as a compiled UNet runs it); errors against float32 attention; the step's
+seconds per kernel. `--motion`: instead, the temporal attention
 calls of one AnimateDiff sampling step on SD1.5 (one video of --frames frames at --size px, CFG batched: the
 motion modules of the 320- and 640-channel levels, 8 heads of 40 / 80 channels; the 1280-channel levels' heads are
 wider than the kernel takes).
@@ -84,6 +85,10 @@ def sdpa(backend: SDPBackend | None, heads: int, q, k, v) -> torch.Tensor:
     return out.transpose(1, 2).reshape(batch, tokens, width)
 
 
+def short_attention_op(q, k, v, heads: int) -> torch.Tensor:
+    return torch.ops.mv4d.short_attention(q, k, v, heads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_arguments(parser, repeats=10)
@@ -94,7 +99,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
     backends = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
-    totals = {name: 0.0 for name in [*backends, "mv4d"]}
+    totals = {name: 0.0 for name in [*backends, "mv4d", "mv4d_compiled"]}
     for call in (animatediff_calls if args.motion else diffusion2_calls)(args):
         heads = call["heads"]
         q, k, v = (projections(call["batch"], call["tokens"], heads * call["head_channels"], device, dtype) for _ in range(3))
@@ -103,6 +108,8 @@ def main() -> None:
         kernels["mv4d"] = functools.partial(torch.ops.mv4d.short_attention, q, k, v, heads)
         if not cuda:
             kernels = {"mv4d": kernels["mv4d"]}
+        else:  # the kernel as a compiled UNet runs it: inductor compiles and launches it with its own arguments
+            kernels["mv4d_compiled"] = functools.partial(torch.compile(short_attention_op, fullgraph=True, dynamic=False), q, k, v, heads)
         row = {**call, "ms": {}, "relative_error": {}}
         for name, run in list(kernels.items()):
             try:

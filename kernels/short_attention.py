@@ -31,9 +31,9 @@ if TRITON:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def short_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, heads, tokens, head_channels, scale,
+    def short_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, heads, tokens, head_channels,
                                q_batch, q_token, k_batch, k_token, v_batch, v_token, o_batch, o_token,
-                               TILE: tl.constexpr, CHANNELS: tl.constexpr, PRECISION: tl.constexpr):
+                               SCALE: tl.constexpr, TILE: tl.constexpr, CHANNELS: tl.constexpr, PRECISION: tl.constexpr):
         program = tl.program_id(0)
         batch, head = program // heads, program % heads
         rows = tl.arange(0, TILE)
@@ -43,7 +43,7 @@ if TRITON:
         q = tl.load(q_ptr + batch * q_batch + rows[:, None] * q_token + columns, mask=inside, other=0.0)
         k = tl.load(k_ptr + batch * k_batch + rows[:, None] * k_token + columns, mask=inside, other=0.0)
         v = tl.load(v_ptr + batch * v_batch + rows[:, None] * v_token + columns, mask=inside, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
         scores = tl.where(rows[None, :] < tokens, scores, float("-inf"))  # padded keys take no weight
         weights = tl.exp(scores - tl.max(scores, 1)[:, None])
         total = tl.sum(weights, 1)
@@ -59,9 +59,12 @@ if TRITON:
         tile = max(16, triton.next_power_of_2(tokens))  # tl.dot's smallest tile is 16
         # one warp per program was fastest for 21-25 tokens (bench/short_attention.py); larger tiles need more
         wrap_triton(short_attention_kernel)[(batch * heads,)](
-            q, k, v, out, heads, tokens, head_channels, head_channels ** -0.5,
+            q, k, v, out, heads, tokens, head_channels,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            TILE=tile, CHANNELS=max(16, triton.next_power_of_2(head_channels)),
+            # a constant, not an argument: inside a compiled graph inductor typed the float argument fp64 (its
+            # generated signature), which makes the scores and the softmax fp64; the kernel ran 2.4x slower there
+            # than eager (bench/RESULTS.md). As a constant it is fp32, as in eager (the change not yet timed on a GPU)
+            SCALE=head_channels ** -0.5, TILE=tile, CHANNELS=max(16, triton.next_power_of_2(head_channels)),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32 rounding)
             num_warps=1 if tile <= 32 else 4)
         return out
