@@ -83,6 +83,11 @@ def fits(tokens: int, width: int, heads: int, dtype: torch.dtype) -> bool:
             and dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
+def differentiated(*tensors: torch.Tensor) -> bool:
+    """Whether autograd may ask a gradient through a call on these tensors (the kernel has no backward)."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
     """Whether the kernel takes this (q, k, v, heads) call: a self-attention that `fits`, on a device where the
     kernel runs, with q, k and v of one shape whose channels are contiguous (the kernel steps through the tokens
@@ -90,5 +95,5 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool
     backward: training, e.g. Vivid-ZOO's alignment adapters through the motion modules, takes PyTorch's)."""
     return (q.dim() == 3 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
             and all(tensor.stride(-1) == 1 for tensor in (q, k, v))
-            and not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (q, k, v)))
+            and not differentiated(q, k, v)
             and runs_on(q.device) and fits(q.shape[1], q.shape[2], heads, q.dtype))

@@ -23,12 +23,8 @@ class ShortSequenceSelfAttention(AttentionStandIn):
     def takes_kernel(self, x, context, value, mask, transformer_options) -> bool:
         return (context is None and value is None and mask is None and x.dim() == 3
                 and "optimized_attention_override" not in (transformer_options or {})
-                and not self.gradient_asked(x)
+                and not kernel.differentiated(x, *self.parameters())  # the kernel has no backward
                 and kernel.runs_on(x.device) and kernel.fits(x.shape[1], self.to_q.out_features, self.heads, x.dtype))
-
-    def gradient_asked(self, x) -> bool:
-        """Whether this call may be differentiated (the kernel has no backward, so such calls take the original)."""
-        return torch.is_grad_enabled() and (x.requires_grad or any(weight.requires_grad for weight in self.parameters()))
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options=None):
         if not self.takes_kernel(x, context, value, mask, transformer_options):

@@ -174,7 +174,7 @@ def test_under_the_interpreter_calls_that_need_gradients_take_comfyuis_attention
         from mv4d.kernels.grid import Grid
         from mv4d.kernels.models.motion import ModuleCall, MotionModule
         from mv4d_tiny_models import svd_family_unet
-        from test_host_exact_savings import svd_inputs, unet_call
+        from test_host_exact_savings import svd_inputs
         motion_taken, decide = [], short_attention.takes
         short_attention.takes = lambda *call: motion_taken.append(decide(*call)) or motion_taken[-1]
         module = MotionModule(64)
