@@ -36,6 +36,9 @@ UNET_TENSORS = ("x", "timesteps", "context", "y")
 # One compile at a time in the process: Dynamo and inductor keep process-wide state and are not made for two
 # compiles at once (multi-GPU runs call the models' wrappers from one thread per device).
 COMPILE_LOCK = threading.Lock()
+# What a compile process holds on the GPU besides its copy of the weights: CUDA context, compile buffers, the
+# call's example inputs (1.1-1.3 GiB measured for SVD-XT on an H200), with some margin.
+WORKER_OVERHEAD_BYTES = 3 * 2**29
 
 
 def unet_forward(module, x, timesteps, context, y, tensor_kwargs, static_kwargs):
@@ -201,8 +204,9 @@ class FinishedCompile(CompileJob):
 class WorkerCompile(CompileJob):
     """A compile in a worker process (integration/compile_worker.py); its job folder goes when it has finished."""
 
-    def __init__(self, process: subprocess.Popen, job: Path, path: Path):
+    def __init__(self, process: subprocess.Popen, job: Path, path: Path, gpu_bytes: int = 0):
         self.process, self.job, self.path, self.started = process, job, path, time.perf_counter()
+        self.gpu_bytes = gpu_bytes  # the GPU memory granted to the process when it started
         self.finished: FinishedCompile | None = None
 
     def running(self):
@@ -217,17 +221,26 @@ class WorkerCompile(CompileJob):
             else:
                 output = log_tail(self.job)
                 last = output.splitlines()[-1] if output else "no output"
-                self.finished = FinishedCompile(error=RuntimeError(f"the compile process exited with code {code}: {last}\n{output}"))
+                failure = WorkerOutOfMemory if "OutOfMemoryError" in output else RuntimeError
+                self.finished = FinishedCompile(error=failure(f"the compile process exited with code {code}: {last}\n{output}"))
             shutil.rmtree(self.job, ignore_errors=True)
         return self.finished.outcome()
 
 
 class CompilePlacement:
     """Where the first compile of a call shape runs. `begin` returns its job, or None when it cannot start now (the
-    call then runs uncompiled and the next call of the shape asks again)."""
+    call then runs uncompiled, through `uncompiled`, and the next call of the shape asks again)."""
 
     def begin(self, call: UNetCall, path: Path) -> CompileJob | None:
         raise NotImplementedError
+
+    def uncompiled(self, call: UNetCall, run):
+        """Runs `run()`, a call that has no compiled code (yet); the placement may watch it."""
+        return run()
+
+    def after_failure(self, call: UNetCall, path: Path, error: Exception) -> CompileJob | None:
+        """Another try for a shape whose compile failed with `error`, or None: its calls run uncompiled."""
+        return None
 
 
 class CompileBeforeTheCall(CompilePlacement):
@@ -243,6 +256,37 @@ class CompileBeforeTheCall(CompilePlacement):
             return FinishedCompile(error=error)
 
 
+class WorkerOutOfMemory(RuntimeError):
+    """A compile process ran out of GPU memory (something else took the room it was granted)."""
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """A GPU's memory as a new compile process would find it."""
+
+    free: int  # held by no process (cudaMemGetInfo)
+    cached: int  # held by this process's allocator unused: this process's next calls take it before `free`
+
+
+class CudaMemory:
+    """What a compile placement asks the GPU (a policy object, so that tests can stand in for one)."""
+
+    def now(self, device: torch.device) -> DeviceMemory | None:
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return DeviceMemory(free, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+    def peak_of(self, device: torch.device, run) -> tuple[object, int]:
+        """run()'s result and its CUDA allocation peak above what was allocated before it. It resets CUDA's peak
+        statistic, as the composed guider's measurement of a whole chunk does around it: that one still sees
+        everything allocated from here on, which holds its chunk's peak."""
+        base = torch.cuda.memory_allocated(device)  # the allocator's host-side counters: no device sync
+        torch.cuda.reset_peak_memory_stats(device)
+        result = run()
+        return result, torch.cuda.max_memory_allocated(device) - base
+
+
 # Worker compiles of this process by the file they write: a wrapper made again (the node run again while one
 # compiles) finds the compile under way instead of starting a second.
 WORKER_COMPILES: dict[Path, WorkerCompile] = {}
@@ -251,52 +295,95 @@ WORKER_COMPILES: dict[Path, WorkerCompile] = {}
 @dataclass
 class CompileBesideTheRun(CompilePlacement):
     """In a process of its own while sampling goes on uncompiled (two models' compiles side by side): the run starts
-    at once and gets faster when the files are ready. Falls back to compiling before the call where a worker cannot
-    rebuild the call (an attention function ComfyUI does not name) or the GPU has no room for a second copy of the
-    weights' layout (the worker compiles with uninitialised weights of that size)."""
+    at once and gets faster when the files are ready.
+
+    A process holds a second copy of the weights' layout (it compiles with uninitialised weights of that size), so
+    on the GPU it starts only where that fits beside what the run's calls use: each shape's first call runs
+    uncompiled and measured, and the shape's compile starts at its second call if the memory left then, less that
+    call's measured peak and what running compile processes were granted, holds the process. Where another
+    process holds the room, the shape waits for it; where no room is left even then, and for calls a process cannot
+    rebuild (an attention function ComfyUI does not name), the shape compiles before the call; so does a shape whose
+    process ran out of memory all the same (another program took the room)."""
 
     max_workers: int = 2
     before: CompilePlacement = dataclasses.field(default_factory=CompileBeforeTheCall)
+    gpu: CudaMemory = dataclasses.field(default_factory=CudaMemory)
+    call_peaks: dict[tuple, int] = dataclasses.field(default_factory=dict)  # call shape -> its uncompiled peak
+    to_measure: set[tuple] = dataclasses.field(default_factory=set)
+    waiting: set[Path] = dataclasses.field(default_factory=set)  # shapes that were told to wait (logged once)
 
     def begin(self, call, path):
-        reason = self.fallback_reason(call)
+        reason = self.unsendable_attention()
         if reason:
             logging.info("%s: %s: compiling before the call instead of beside the run", NODE, reason)
             return self.before.begin(call, path)
+        memory = self.gpu.now(call.x.device)
+        shape = tuple(call.x.shape)
+        if memory is not None and shape not in self.call_peaks:
+            self.to_measure.add(shape)  # this call runs uncompiled and measured; the next one decides
+            return None
         with COMPILE_LOCK:
             if path in WORKER_COMPILES:
                 return WORKER_COMPILES[path]
-            if sum(compile.running() for compile in WORKER_COMPILES.values()) >= self.max_workers:
+            running = [compile for compile in WORKER_COMPILES.values() if compile.running()]
+            if len(running) >= self.max_workers:
                 return None
-            threads = max(1, (os.cpu_count() or 2) // self.max_workers)
-            job = None
-            try:
-                job = write_job(call.diffusion_model, call.arguments(), unet_forward, path, attention_functions())
-                WORKER_COMPILES[path] = WorkerCompile(start_worker(job, threads), job, path)
-                unsendable = None
-            except Exception as error:  # e.g. another node pack left a function on the model that does not pickle
-                unsendable = error
-                if job is not None:
-                    shutil.rmtree(job, ignore_errors=True)
-        if unsendable is not None:
-            logging.info("%s: the call cannot be sent to a compile process (%s: %s): compiling before the call "
-                         "instead of beside the run", NODE, type(unsendable).__name__, unsendable)
+            need = 0
+            if memory is not None:
+                need = weight_bytes(call.diffusion_model) + WORKER_OVERHEAD_BYTES
+                # Granted bytes count in full, also where a process has taken them already (then `free` counts
+                # them too): on a card this full, waiting is cheaper than a process that runs out of memory.
+                granted = sum(compile.gpu_bytes for compile in running)
+                room = memory.free + memory.cached - self.call_peaks[shape] - granted
+                if room < need and running:
+                    if path not in self.waiting:
+                        self.waiting.add(path)
+                        logging.info("%s: no GPU room for a second compile process beside the run: calls of shape "
+                                     "%s wait for the one under way", NODE, list(shape))
+                    return None
+                if room < need:
+                    reason = (f"{max(room, 0) / 2**30:.1f} GiB of GPU memory left beside the run's calls, less than "
+                              f"a compile process's {need / 2**30:.1f} GiB")
+            if not reason:
+                threads = max(1, (os.cpu_count() or 2) // self.max_workers)
+                job = None
+                try:
+                    job = write_job(call.diffusion_model, call.arguments(), unet_forward, path, attention_functions())
+                    WORKER_COMPILES[path] = WorkerCompile(start_worker(job, threads), job, path, need)
+                except Exception as error:  # e.g. another node pack left a function on the model that does not pickle
+                    reason = f"the call cannot be sent to a compile process ({type(error).__name__}: {error})"
+                    if job is not None:
+                        shutil.rmtree(job, ignore_errors=True)
+        if reason:  # outside the lock: the compile before the call takes it
+            logging.info("%s: %s: compiling before the call instead of beside the run", NODE, reason)
             return self.before.begin(call, path)
         logging.info("%s: compiling the UNet for calls of shape %s beside the run (a process of its own; these calls "
                      "run uncompiled until it is ready; kept in %s)", NODE, list(call.x.shape), path.parent)
         return WORKER_COMPILES[path]
 
-    def fallback_reason(self, call) -> str | None:
+    def uncompiled(self, call, run):
+        shape = tuple(call.x.shape)
+        if shape not in self.to_measure:
+            return run()
+        result, self.call_peaks[shape] = self.gpu.peak_of(call.x.device, run)
+        self.to_measure.discard(shape)
+        return result
+
+    def after_failure(self, call, path, error):
+        if not isinstance(error, WorkerOutOfMemory):
+            return None
+        logging.info("%s: the compile process for shape %s ran out of GPU memory: compiling before the call instead",
+                     NODE, list(call.x.shape))
+        return self.before.begin(call, path)
+
+    @staticmethod
+    def unsendable_attention() -> str | None:
         missing = [name for name in attention_functions().values() if not hasattr(comfy_attention, name)]
-        if missing:
-            return f"the attention function {missing[0]} is not one of ComfyUI's"
-        device = call.x.device
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            weights = sum(tensor.numel() * tensor.element_size() for tensor in call.diffusion_model.state_dict().values())
-            if free < weights + 2**30:
-                return f"{free / 2**30:.1f} GiB free on the GPU, less than the worker's {weights / 2**30 + 1:.1f} GiB"
-        return None
+        return f"the attention function {missing[0]} is not one of ComfyUI's" if missing else None
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in module.state_dict().values())
 
 
 def attention_functions() -> dict[str, str]:
@@ -325,7 +412,8 @@ class CompiledUNet:
         call = UNetCall(executor.class_obj, x, timesteps, context, y, control, transformer_options, kwargs)
         compiled = self.compiled_for(call)
         if compiled is None:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            return self.placement.uncompiled(call, lambda: executor(x, timesteps, context, y, control,
+                                                                    transformer_options, **kwargs))
         return compiled(call.diffusion_model, *call.arguments())
 
     def compiled_for(self, call: UNetCall) -> CompiledCall | None:
@@ -369,6 +457,10 @@ class CompiledUNet:
         try:
             built = job.outcome()
         except Exception as error:
+            retry = self.placement.after_failure(call, path, error)
+            if retry is not None:  # the next call of the shape takes it up
+                self.jobs[key.digest] = retry
+                return None
             self.refused[key.digest] = str(error)
             logging.warning("%s: could not compile calls of shape %s (%s: %s); they run uncompiled", NODE,
                             list(call.x.shape), type(error).__name__, str(error).splitlines()[0] if str(error) else "")

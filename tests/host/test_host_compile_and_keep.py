@@ -279,6 +279,118 @@ def test_a_call_that_cannot_be_sent_to_a_compile_process_compiles_before_the_cal
     assert set(Path(tempfile.gettempdir()).glob("mv4d-compile-*")) == jobs_before  # no job folder left behind
 
 
+class StandInGpu:
+    """A GPU as MV4D Compile and Keep's placement asks it (integration/patches/precompiled_unet.py CudaMemory), with
+    set figures in GiB, for calls that run on the CPU."""
+
+    def __init__(self, keep, free: float, call_peak: float, cached: float = 0.0):
+        self.memory = keep.DeviceMemory(int(free * 2**30), int(cached * 2**30))
+        self.call_peak, self.measured = int(call_peak * 2**30), 0
+
+    def now(self, device):
+        return self.memory
+
+    def peak_of(self, device, run):
+        self.measured += 1
+        return run(), self.call_peak
+
+
+class StandInProcess:
+    """A compile process: running until `code` is set."""
+
+    def __init__(self, code=None):
+        self.code = code
+
+    def poll(self):
+        return self.code
+
+    def wait(self):
+        return self.code
+
+
+@pytest.fixture
+def beside_on_a_gpu(keep, tmp_path, monkeypatch):
+    """A wrapper compiling beside the run whose GPU is a StandInGpu; compile processes are StandInProcesses (their
+    job folders are not written), `started` lists them and `before` the shapes sent to compile before the call
+    (where they stay under way)."""
+    class UnderWay(keep.CompileJob):
+        def running(self):
+            return True
+
+    model = svd_family_unet("svd", seed=0)
+    started, before = [], []
+    monkeypatch.setattr(keep, "WORKER_COMPILES", {})
+    monkeypatch.setattr(keep, "write_job", lambda *args, **kwargs: tmp_path / "job")
+    monkeypatch.setattr(keep, "start_worker", lambda job, threads: started.append(StandInProcess()) or started[-1])
+    monkeypatch.setattr(keep.CompileBeforeTheCall, "begin", lambda self, call, path: before.append(path) or UnderWay())
+    wrapped = compiled(keep, model, tmp_path / "files", first_compile="beside the run")
+    (wrapper,) = keep.compiled_unets_of(wrapped)
+    return model, wrapped, wrapper, started, before
+
+
+def test_on_a_gpu_a_compile_process_starts_at_a_shapes_second_call_where_the_room_beside_its_calls_holds_it(
+        keep, beside_on_a_gpu, caplog):
+    """The first call of a shape runs uncompiled and measured; the second starts the process, granted the weights
+    plus its overhead. Both calls give the UNet's prediction bit for bit."""
+    model, wrapped, wrapper, started, before = beside_on_a_gpu
+    gpu = wrapper.placement.gpu = StandInGpu(keep, free=8, call_peak=4, cached=1)
+    x, context, conds = svd_inputs()
+    eager = unet_call(model, x, context, **conds)
+    with caplog.at_level(logging.INFO):
+        first = unet_call(wrapped, x, context, **conds)
+        assert gpu.measured == 1 and not started and not before
+        second = unet_call(wrapped, x, context, **conds)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert len(started) == 1 and not before and gpu.measured == 1 and "beside the run" in caplog.text
+    (process,) = keep.WORKER_COMPILES.values()
+    assert process.gpu_bytes == keep.weight_bytes(model.model.diffusion_model) + keep.WORKER_OVERHEAD_BYTES
+
+
+def test_on_a_gpu_without_room_beside_the_calls_a_shape_compiles_before_the_call(keep, beside_on_a_gpu, caplog):
+    """8 GiB free less a 7 GiB call peak leaves no room for a compile process's 1.5 GiB: the compile goes before
+    the call (the 24 GiB card case, where two processes beside the run both ran out of memory), with the figures."""
+    model, wrapped, wrapper, started, before = beside_on_a_gpu
+    wrapper.placement.gpu = StandInGpu(keep, free=8, call_peak=7)
+    x, context, conds = svd_inputs()
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            unet_call(wrapped, x, context, **conds)
+    assert not started and len(before) == 1
+    assert "1.0 GiB of GPU memory left beside the run's calls, less than a compile process's 1.5 GiB" in caplog.text
+
+
+def test_on_a_gpu_a_shape_waits_while_another_compile_process_holds_the_room_then_starts(keep, beside_on_a_gpu,
+                                                                                          tmp_path, caplog):
+    model, wrapped, wrapper, started, before = beside_on_a_gpu
+    other = keep.WorkerCompile(StandInProcess(), tmp_path / "other job", tmp_path / "other.compiled", 3 * 2**30)
+    keep.WORKER_COMPILES[other.path] = other
+    wrapper.placement.gpu = StandInGpu(keep, free=8, call_peak=4)  # 4 GiB beside the calls, 3 of them granted
+    x, context, conds = svd_inputs()
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            unet_call(wrapped, x, context, **conds)
+        assert not started and not before and caplog.text.count("wait for the one under way") == 1
+        other.process.code = 0  # the other compile has finished
+        unet_call(wrapped, x, context, **conds)
+    assert len(started) == 1 and not before
+
+
+def test_a_compile_process_that_ran_out_of_gpu_memory_hands_its_shape_to_the_compile_before_the_call(
+        keep, beside_on_a_gpu, monkeypatch, caplog):
+    """Another program took the room after the process started: its shape compiles before the call instead of
+    running uncompiled for the rest of the run."""
+    model, wrapped, wrapper, started, before = beside_on_a_gpu
+    wrapper.placement.gpu = StandInGpu(keep, free=40, call_peak=4)
+    monkeypatch.setattr(keep, "start_worker", lambda job, threads: started.append(StandInProcess(code=1)) or started[-1])
+    monkeypatch.setattr(keep, "log_tail", lambda job: "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 30.00 MiB")
+    x, context, conds = svd_inputs()
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            unet_call(wrapped, x, context, **conds)
+    assert len(started) == 1 and len(before) == 1
+    assert "ran out of GPU memory: compiling before the call instead" in caplog.text and "could not compile" not in caplog.text
+
+
 def test_a_worker_compiles_with_the_threads_given_unless_the_user_set_inductors(comfy, tmp_path, monkeypatch):
     from mv4d.integration import compile_worker
 
