@@ -204,9 +204,9 @@ class FinishedCompile(CompileJob):
 class WorkerCompile(CompileJob):
     """A compile in a worker process (integration/compile_worker.py); its job folder goes when it has finished."""
 
-    def __init__(self, process: subprocess.Popen, job: Path, path: Path, gpu_bytes: int = 0):
+    def __init__(self, process: subprocess.Popen, job: Path, path: Path, gpu_bytes: int = 0, device: str = ""):
         self.process, self.job, self.path, self.started = process, job, path, time.perf_counter()
-        self.gpu_bytes = gpu_bytes  # the GPU memory granted to the process when it started
+        self.gpu_bytes, self.device = gpu_bytes, device  # the GPU memory granted to the process when it started
         self.finished: FinishedCompile | None = None
 
     def running(self):
@@ -333,7 +333,7 @@ class CompileBesideTheRun(CompilePlacement):
                 need = weight_bytes(call.diffusion_model) + WORKER_OVERHEAD_BYTES
                 # Granted bytes count in full, also where a process has taken them already (then `free` counts
                 # them too): on a card this full, waiting is cheaper than a process that runs out of memory.
-                granted = sum(compile.gpu_bytes for compile in running)
+                granted = sum(compile.gpu_bytes for compile in running if compile.device == str(call.x.device))
                 room = memory.free + memory.cached - self.call_peaks[shape] - granted
                 if room < need and running:
                     if path not in self.waiting:
@@ -349,7 +349,7 @@ class CompileBesideTheRun(CompilePlacement):
                 job = None
                 try:
                     job = write_job(call.diffusion_model, call.arguments(), unet_forward, path, attention_functions())
-                    WORKER_COMPILES[path] = WorkerCompile(start_worker(job, threads), job, path, need)
+                    WORKER_COMPILES[path] = WorkerCompile(start_worker(job, threads), job, path, need, str(call.x.device))
                 except Exception as error:  # e.g. another node pack left a function on the model that does not pickle
                     reason = f"the call cannot be sent to a compile process ({type(error).__name__}: {error})"
                     if job is not None:

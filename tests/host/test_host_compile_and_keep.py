@@ -362,7 +362,7 @@ def test_on_a_gpu_without_room_beside_the_calls_a_shape_compiles_before_the_call
 def test_on_a_gpu_a_shape_waits_while_another_compile_process_holds_the_room_then_starts(keep, beside_on_a_gpu,
                                                                                           tmp_path, caplog):
     model, wrapped, wrapper, started, before = beside_on_a_gpu
-    other = keep.WorkerCompile(StandInProcess(), tmp_path / "other job", tmp_path / "other.compiled", 3 * 2**30)
+    other = keep.WorkerCompile(StandInProcess(), tmp_path / "other job", tmp_path / "other.compiled", 3 * 2**30, "cpu")
     keep.WORKER_COMPILES[other.path] = other
     wrapper.placement.gpu = StandInGpu(keep, free=8, call_peak=4)  # 4 GiB beside the calls, 3 of them granted
     x, context, conds = svd_inputs()
