@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -39,6 +39,7 @@ from ..kernels.grid import GRID_OPTION, Grid
 from .composition_roles import LAYOUT_NOUNS, prediction_space
 from .multi_gpu import DeviceRun, SpreadOverDevices, device_clones, note_single_gpu, relative_speeds, without_core_multigpu
 from .node_errors import input_error, kernel_errors_as_node_errors
+from .peak_memory import PeakMemory
 from .patches.short_sequence_attention import with_short_sequence_attention
 from .patches.single_token_attention import with_single_token_attention
 
@@ -57,24 +58,6 @@ MEASURED_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class CallMemory:
     peak_bytes: dict[int, float] = field(default_factory=dict)  # items per call -> CUDA allocation peak, measured once
     out_of_memory_at: int | None = None  # the smallest call that ran out of memory (fragmentation, other users)
-
-
-class PeakMemory:
-    """The CUDA allocation peak of a block above what was allocated when it began (None off CUDA, or when not
-    enabled). It resets CUDA's peak statistic."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.bytes = device, None
-
-    @contextmanager
-    def measure(self, enabled: bool = True):
-        if not enabled or self.device.type != "cuda":
-            yield self
-            return
-        base = torch.cuda.memory_allocated(self.device)  # the allocator's host-side counters: no device sync
-        torch.cuda.reset_peak_memory_stats(self.device)
-        yield self
-        self.bytes = torch.cuda.max_memory_allocated(self.device) - base
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 from ...kernels.precompile import SIMPLE_ATTRIBUTES, Built, CompiledCall, CompiledStore, CompileKey, build
 from ..compile_worker import log_tail, start_worker, write_job
 from ..multi_gpu import keep_clones_matched
+from ..peak_memory import PeakMemory
 
 WRAPPER_KEY = "mv4d.compile_and_keep"
 NODE = "MV4D Compile and Keep"
@@ -278,13 +279,11 @@ class CudaMemory:
         return DeviceMemory(free, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
     def peak_of(self, device: torch.device, run) -> tuple[object, int]:
-        """run()'s result and its CUDA allocation peak above what was allocated before it. It resets CUDA's peak
-        statistic, as the composed guider's measurement of a whole chunk does around it: that one still sees
-        everything allocated from here on, which holds its chunk's peak."""
-        base = torch.cuda.memory_allocated(device)  # the allocator's host-side counters: no device sync
-        torch.cuda.reset_peak_memory_stats(device)
-        result = run()
-        return result, torch.cuda.max_memory_allocated(device) - base
+        """run()'s result and its CUDA allocation peak. The composed guider's measurement of a whole chunk around
+        it still sees everything allocated from here on, which holds its chunk's peak."""
+        with PeakMemory(device).measure() as peak:
+            result = run()
+        return result, peak.bytes
 
 
 # Worker compiles of this process by the file they write: a wrapper made again (the node run again while one
