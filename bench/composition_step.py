@@ -307,6 +307,8 @@ def main() -> None:
     parser.add_argument("--keep-folder", default="compiled_unets",
                         help="path keep (MV4D Compile and Keep on both UNets): the folder its compiled calls are kept in")
     parser.add_argument("--keep-min-images", type=int, default=64, help="path keep: min_images of the node")
+    parser.add_argument("--keep-pieces", type=int, default=4,
+                        help="MV4D Compile and Keep: pieces each UNet is compiled in (1: whole, one file per call)")
     parser.add_argument("--keep-first-compile", default="before the call", choices=["before the call", "beside the run"],
                         help="path keep: first_compile of the node; 'beside the run' times every step until the "
                              "compiles are in (at most --keep-beside-limit seconds)")
@@ -406,7 +408,7 @@ def main() -> None:
 
             mv4d.kernels.compile_passes.inductor_options = lambda: {}
         keep_models = tuple(with_compile_and_keep(m, min_images=args.keep_min_images, max_shapes=4, folder=Path(args.keep_folder),
-                                                  first_compile=args.keep_first_compile)
+                                                  first_compile=args.keep_first_compile, pieces=args.keep_pieces)
                             for m in (video_model, multiview_model))
     batch_sizes = BatchSizes()
     peak = PeakVram() if cuda else None

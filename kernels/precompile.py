@@ -29,7 +29,7 @@ import torch
 
 from . import compile_passes
 
-FORMAT = 3  # part of every key: bump when what is compiled changes, so old files are not loaded (2: compile_passes;
+FORMAT = 4  # part of every key: bump when what is compiled changes, so old files are not loaded (2: compile_passes;
 # 3: the short-attention kernel's scale a constant, so compiled code runs it in fp32 as eager does)
 SIMPLE_ATTRIBUTES = (bool, int, float, str, type(None))
 MODULE_ARGUMENT = "module"  # the compiled function's first parameter: guards rooted there are left out

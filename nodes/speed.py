@@ -12,8 +12,8 @@ from ..kernels.precompile import keep_compile_caches_in, precompile_missing_reas
 from ..integration import host
 from ..integration.patches.fp8_matmuls import with_fp8_matmuls
 from ..integration.patches.fused_elementwise import fused_module_count, with_fused_elementwise
-from ..integration.patches.precompiled_unet import (NODE as KEEP_NODE, FIRST_COMPILE, compile_caches_folder, compiled_folder,
-                                                    with_compile_and_keep)
+from ..integration.patches.precompiled_unet import (NODE as KEEP_NODE, DEFAULT_PIECES, FIRST_COMPILE, compile_caches_folder,
+                                                    compiled_folder, with_compile_and_keep)
 from ..integration.node_errors import input_error
 
 FP8_NODE = "MV4D FP8 Matmuls"
@@ -115,13 +115,17 @@ class CompileAndKeepNode(io.ComfyNode):
                                        "and speeds up when the files are ready; it needs GPU room for a second copy "
                                        "of the UNet's weights, else it compiles before the call. 'before the call': "
                                        "the run waits for the compile."),
+                io.Int.Input("pieces", default=DEFAULT_PIECES, min=1, max=32, optional=True,
+                             tooltip="Each UNet is compiled in this many pieces (runs of its blocks), a file and, "
+                                     "beside the run, a process each: the first compile takes about 1 / pieces as "
+                                     "long where the machine has two CPU cores per process. 1: the whole UNet."),
             ],
             outputs=[io.Model.Output("compiled_model", display_name="model",
                                      tooltip="The same model; its UNet calls run compiled while it samples.")],
         )
 
     @classmethod
-    def execute(cls, model, min_images, max_shapes, first_compile) -> io.NodeOutput:
+    def execute(cls, model, min_images, max_shapes, first_compile, pieces=DEFAULT_PIECES) -> io.NodeOutput:
         reason = precompile_missing_reason() or inductor_missing_reason(host.compute_device())
         if reason:
             raise input_error(KEEP_NODE, "model", reason,
@@ -130,5 +134,5 @@ class CompileAndKeepNode(io.ComfyNode):
         keep_compile_caches_in(compile_caches_folder())
         logging.info("%s: compiled UNets are kept in %s", KEEP_NODE, compiled_folder())
         return io.NodeOutput(with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes,
-                                                   first_compile=first_compile))
+                                                   first_compile=first_compile, pieces=pieces))
 

@@ -20,16 +20,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 import folder_paths
 import torch
 
-from ...kernels.precompile import SIMPLE_ATTRIBUTES, Built, CompiledCall, CompiledStore, CompileKey, build
+from ...kernels.precompile import SIMPLE_ATTRIBUTES, Built, CompiledCall, CompiledStore, CompileKey, build, tensors_in
 from ..compile_worker import log_tail, start_worker, write_job
 from ..multi_gpu import keep_clones_matched
 from ..peak_memory import PeakMemory
+from .unet_pieces import PieceRun, cut_unet, piece_forward
 
 WRAPPER_KEY = "mv4d.compile_and_keep"
 NODE = "MV4D Compile and Keep"
@@ -37,9 +39,12 @@ UNET_TENSORS = ("x", "timesteps", "context", "y")
 # One compile at a time in the process: Dynamo and inductor keep process-wide state and are not made for two
 # compiles at once (multi-GPU runs call the models' wrappers from one thread per device).
 COMPILE_LOCK = threading.Lock()
-# What a compile process holds on the GPU besides its copy of the weights: CUDA context, compile buffers, the
-# call's example inputs (1.1-1.3 GiB measured for SVD-XT on an H200), with some margin.
+# What a compile process holds on the GPU besides its copy of the weights and its example inputs: CUDA context and
+# compile buffers (SVD-XT's whole-UNet process used 1.1-1.3 GiB beyond its weights on an H200), with some margin.
 WORKER_OVERHEAD_BYTES = 3 * 2**29
+# Pieces a UNet is compiled in (integration/patches/unet_pieces.py): each compiles in a process of its own beside
+# the run, so a first compile takes about a quarter as long where the machine has cores for them.
+DEFAULT_PIECES = 4
 
 
 def unet_forward(module, x, timesteps, context, y, tensor_kwargs, static_kwargs):
@@ -101,6 +106,45 @@ class UNetCall:
     def tensors(self) -> dict[str, torch.Tensor]:
         given = {name: getattr(self, name) for name in UNET_TENSORS if getattr(self, name) is not None}
         return {**given, **self.tensor_kwargs()}
+
+    def shape_key(self) -> str:
+        """The call's signature as far as compiled code tells calls apart (max_shapes counts these)."""
+        return repr(([(name, list(tensor.shape), str(tensor.dtype)) for name, tensor in self.tensors().items()],
+                     self.static_kwargs()))
+
+
+@dataclass
+class CompileUnit:
+    """What one compiled file runs, `function(module, *arguments)`, in a UNet call: the whole UNet, or one piece."""
+
+    call: UNetCall
+    module: torch.nn.Module
+    function: Callable
+    arguments: tuple
+    label: str  # for the log: "the UNet", "piece 2 of 4 of the UNet"
+
+    def run(self):
+        return self.function(self.module, *self.arguments)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {str(number): tensor for number, tensor in enumerate(tensors_in(self.arguments))}
+
+    def example_bytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors_in(self.arguments))
+
+    def describe(self) -> str:
+        return f"{self.label} in calls of shape {list(self.call.x.shape)}"
+
+
+def plain_structure(value):
+    """The arguments' non-tensor parts (frozen into the compiled code, so part of the key), tensors as a mark."""
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, (list, tuple)):
+        return [plain_structure(item) for item in value]
+    if isinstance(value, dict):
+        return {name: plain_structure(item) for name, item in value.items()}
+    return repr(value)
 
 
 class CallRule:
@@ -232,14 +276,14 @@ class CompilePlacement:
     """Where the first compile of a call shape runs. `begin` returns its job, or None when it cannot start now (the
     call then runs uncompiled, through `uncompiled`, and the next call of the shape asks again)."""
 
-    def begin(self, call: UNetCall, path: Path) -> CompileJob | None:
+    def begin(self, unit: CompileUnit, path: Path) -> CompileJob | None:
         raise NotImplementedError
 
-    def uncompiled(self, call: UNetCall, run):
-        """Runs `run()`, a call that has no compiled code (yet); the placement may watch it."""
+    def watch(self, call: UNetCall, run):
+        """Runs `run()`, a UNet call the rules let compile; the placement may measure it."""
         return run()
 
-    def after_failure(self, call: UNetCall, path: Path, error: Exception) -> CompileJob | None:
+    def after_failure(self, unit: CompileUnit, path: Path, error: Exception) -> CompileJob | None:
         """Another try for a shape whose compile failed with `error`, or None: its calls run uncompiled."""
         return None
 
@@ -247,12 +291,12 @@ class CompilePlacement:
 class CompileBeforeTheCall(CompilePlacement):
     """In the sampling process, before the call goes on: the run waits for the compile."""
 
-    def begin(self, call, path):
-        logging.info("%s: compiling the UNet for calls of shape %s (once per shape and machine, minutes for a large "
-                     "UNet; kept in %s)", NODE, list(call.x.shape), path.parent)
+    def begin(self, unit, path):
+        logging.info("%s: compiling %s (once per shape and machine, a minute or more for a large UNet; kept in %s)",
+                     NODE, unit.describe(), path.parent)
         try:
             with COMPILE_LOCK:
-                return FinishedCompile(build(unet_forward, call.diffusion_model, call.arguments(), path))
+                return FinishedCompile(build(unit.function, unit.module, unit.arguments, path))
         except Exception as error:  # a graph break, an unsavable value, a compiler failure: eager, the run goes on
             return FinishedCompile(error=error)
 
@@ -291,36 +335,41 @@ class CudaMemory:
 WORKER_COMPILES: dict[Path, WorkerCompile] = {}
 
 
+def default_worker_count() -> int:
+    """Compile processes at once: one per two cores (each process's Python runs on one; its kernel builds share
+    the rest), at least two (the two models of a composition)."""
+    return max(2, (os.cpu_count() or 2) // 2)
+
+
 @dataclass
 class CompileBesideTheRun(CompilePlacement):
     """In a process of its own while sampling goes on uncompiled (two models' compiles side by side): the run starts
     at once and gets faster when the files are ready.
 
-    A process holds a second copy of the weights' layout (it compiles with uninitialised weights of that size), so
+    A process holds a second copy of its piece's weights and example inputs (uninitialised, of the same layout), so
     on the GPU it starts only where that fits beside what the run's calls use: each shape's first call runs
-    uncompiled and measured, and the shape's compile starts at its second call if the memory left then, less that
-    call's measured peak and what running compile processes were granted, holds the process. Where another
-    process holds the room, the shape waits for it; where no room is left even then, and for calls a process cannot
-    rebuild (an attention function ComfyUI does not name), the shape compiles before the call; so does a shape whose
-    process ran out of memory all the same (another program took the room)."""
+    uncompiled and measured, and the compiles of the shape's pieces start from its second call if the memory left
+    then, less that call's measured peak and what running compile processes were granted, holds the process. Where
+    another process holds the room, or `max_workers` run, a piece waits; where no room is left even then, and for
+    calls a process cannot rebuild (an attention function ComfyUI does not name), the piece compiles before the
+    call; so does a piece whose process ran out of memory all the same (another program took the room)."""
 
-    max_workers: int = 2
+    max_workers: int = dataclasses.field(default_factory=default_worker_count)
     before: CompilePlacement = dataclasses.field(default_factory=CompileBeforeTheCall)
     gpu: CudaMemory = dataclasses.field(default_factory=CudaMemory)
     call_peaks: dict[tuple, int] = dataclasses.field(default_factory=dict)  # call shape -> its uncompiled peak
-    to_measure: set[tuple] = dataclasses.field(default_factory=set)
     waiting: set[Path] = dataclasses.field(default_factory=set)  # shapes that were told to wait (logged once)
 
-    def begin(self, call, path):
+    def begin(self, unit, path):
+        call = unit.call
         reason = self.unsendable_attention()
         if reason:
             logging.info("%s: %s: compiling before the call instead of beside the run", NODE, reason)
-            return self.before.begin(call, path)
+            return self.before.begin(unit, path)
         memory = self.gpu.now(call.x.device)
         shape = tuple(call.x.shape)
         if memory is not None and shape not in self.call_peaks:
-            self.to_measure.add(shape)  # this call runs uncompiled and measured; the next one decides
-            return None
+            return None  # this call runs uncompiled and measured (watch); the next one decides
         with COMPILE_LOCK:
             if path in WORKER_COMPILES:
                 return WORKER_COMPILES[path]
@@ -329,7 +378,7 @@ class CompileBesideTheRun(CompilePlacement):
                 return None
             need = 0
             if memory is not None:
-                need = weight_bytes(call.diffusion_model) + WORKER_OVERHEAD_BYTES
+                need = weight_bytes(unit.module) + unit.example_bytes() + WORKER_OVERHEAD_BYTES
                 # Granted bytes count in full, also where a process has taken them already (then `free` counts
                 # them too): on a card this full, waiting is cheaper than a process that runs out of memory.
                 granted = sum(compile.gpu_bytes for compile in running if compile.device == str(call.x.device))
@@ -337,8 +386,8 @@ class CompileBesideTheRun(CompilePlacement):
                 if room < need and running:
                     if path not in self.waiting:
                         self.waiting.add(path)
-                        logging.info("%s: no GPU room for a second compile process beside the run: calls of shape "
-                                     "%s wait for the one under way", NODE, list(shape))
+                        logging.info("%s: no GPU room for another compile process beside the run: %s waits for "
+                                     "the ones under way", NODE, unit.describe())
                     return None
                 if room < need:
                     reason = (f"{max(room, 0) / 2**30:.1f} GiB of GPU memory left beside the run's calls, less than "
@@ -347,7 +396,7 @@ class CompileBesideTheRun(CompilePlacement):
                 threads = max(1, (os.cpu_count() or 2) // self.max_workers)
                 job = None
                 try:
-                    job = write_job(call.diffusion_model, call.arguments(), unet_forward, path, attention_functions())
+                    job = write_job(unit.module, unit.arguments, unit.function, path, attention_functions())
                     WORKER_COMPILES[path] = WorkerCompile(start_worker(job, threads), job, path, need, str(call.x.device))
                 except Exception as error:  # e.g. another node pack left a function on the model that does not pickle
                     reason = f"the call cannot be sent to a compile process ({type(error).__name__}: {error})"
@@ -355,25 +404,24 @@ class CompileBesideTheRun(CompilePlacement):
                         shutil.rmtree(job, ignore_errors=True)
         if reason:  # outside the lock: the compile before the call takes it
             logging.info("%s: %s: compiling before the call instead of beside the run", NODE, reason)
-            return self.before.begin(call, path)
-        logging.info("%s: compiling the UNet for calls of shape %s beside the run (a process of its own; these calls "
-                     "run uncompiled until it is ready; kept in %s)", NODE, list(call.x.shape), path.parent)
+            return self.before.begin(unit, path)
+        logging.info("%s: compiling %s beside the run (a process of its own; it runs uncompiled until it is ready; "
+                     "kept in %s)", NODE, unit.describe(), path.parent)
         return WORKER_COMPILES[path]
 
-    def uncompiled(self, call, run):
+    def watch(self, call, run):
         shape = tuple(call.x.shape)
-        if shape not in self.to_measure:
+        if shape in self.call_peaks or self.gpu.now(call.x.device) is None:
             return run()
         result, self.call_peaks[shape] = self.gpu.peak_of(call.x.device, run)
-        self.to_measure.discard(shape)
         return result
 
-    def after_failure(self, call, path, error):
+    def after_failure(self, unit, path, error):
         if not isinstance(error, WorkerOutOfMemory):
             return None
-        logging.info("%s: the compile process for shape %s ran out of GPU memory: compiling before the call instead",
-                     NODE, list(call.x.shape))
-        return self.before.begin(call, path)
+        logging.info("%s: the compile process for %s ran out of GPU memory: compiling before the call instead",
+                     NODE, unit.describe())
+        return self.before.begin(unit, path)
 
     @staticmethod
     def unsendable_attention() -> str | None:
@@ -395,12 +443,16 @@ FIRST_COMPILE = {"beside the run": CompileBesideTheRun, "before the call": Compi
 
 
 class CompiledUNet:
-    """The DIFFUSION_MODEL wrapper: a compiled call per call signature, from memory, from disk, or compiled now by
-    its placement (beside the run, or before the call)."""
+    """The DIFFUSION_MODEL wrapper: each call the rules allow runs as compiled units (the UNet's pieces, or the whole
+    UNet), one compiled file per unit and call signature, from memory, from disk, or compiled now by its placement
+    (beside the run, or before the call); a unit without compiled code runs eagerly, the same computation."""
 
-    def __init__(self, store: CompiledStore, rules: tuple[CallRule, ...], max_shapes: int, placement: CompilePlacement):
+    def __init__(self, store: CompiledStore, rules: tuple[CallRule, ...], max_shapes: int, placement: CompilePlacement,
+                 pieces: int = DEFAULT_PIECES):
         self.store, self.rules, self.max_shapes, self.placement = store, rules, max_shapes, placement
-        self.calls: dict[str, CompiledCall] = {}  # key digest -> loaded compiled call
+        self.pieces = pieces
+        self.shapes: set[str] = set()  # call signatures let compile (at most max_shapes)
+        self.calls: dict[str, CompiledCall] = {}  # key digest -> loaded compiled unit
         self.jobs: dict[str, CompileJob] = {}  # key digest -> its compile, while it runs
         self.refused: dict[str, str] = {}  # key digest -> why it runs eagerly (a compile that failed)
         self.logged: set[str] = set()
@@ -409,44 +461,65 @@ class CompiledUNet:
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         call = UNetCall(executor.class_obj, x, timesteps, context, y, control, transformer_options, kwargs)
-        compiled = self.compiled_for(call)
-        if compiled is None:
-            return self.placement.uncompiled(call, lambda: executor(x, timesteps, context, y, control,
-                                                                    transformer_options, **kwargs))
-        return compiled(call.diffusion_model, *call.arguments())
+        if not self.may_compile(call):
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        return self.placement.watch(call, lambda: self.run(call))
 
-    def compiled_for(self, call: UNetCall) -> CompiledCall | None:
+    def may_compile(self, call: UNetCall) -> bool:
         reason = next((reason for rule in self.rules if (reason := rule.refusal(call))), None)
         if reason:
             self.log_once(reason, "%s: %s: these calls run uncompiled", NODE, reason)
-            return None
-        key = self.key(call)
+            return False
+        signature = call.shape_key()
         with self.lock:
-            compiled = self.calls.get(key.digest) or self.load_or_compile(call, key)
-        if compiled is None or not compiled.accepts(call.diffusion_model, *call.arguments()):
+            if signature not in self.shapes and len(self.shapes) >= self.max_shapes:
+                self.log_once("max", "%s: %d call shapes already compiled (max_shapes): a new shape (%s) runs "
+                              "uncompiled; fix videos_per_call / multiview_sets_per_call of the guider to keep shapes "
+                              "few", NODE, self.max_shapes, list(call.x.shape))
+                return False
+            self.shapes.add(signature)
+        return True
+
+    def run(self, call: UNetCall):
+        """The call as its units in order: the UNet's pieces (a piece's inputs are the outputs of those before it),
+        or the whole UNet where it is not cut."""
+        pieces = cut_unet(call.diffusion_model, self.pieces)
+        if pieces is None:
+            return self.run_unit(CompileUnit(call, call.diffusion_model, unet_forward, call.arguments(), "the UNet"))
+        run = PieceRun(call.x)
+        for number, piece in enumerate(pieces, 1):
+            arguments = run.arguments(piece, call.timesteps, call.y, call.context, call.tensor_kwargs(),
+                                      call.static_kwargs())
+            unit = CompileUnit(call, piece, piece_forward, arguments, f"piece {number} of {len(pieces)} of the UNet")
+            run.advance(piece, self.run_unit(unit))
+        return run.h
+
+    def run_unit(self, unit: CompileUnit):
+        compiled = self.compiled_for(unit)
+        return compiled(unit.module, *unit.arguments) if compiled is not None else unit.run()
+
+    def compiled_for(self, unit: CompileUnit) -> CompiledCall | None:
+        key = self.key(unit)
+        with self.lock:
+            compiled = self.calls.get(key.digest) or self.load_or_compile(unit, key)
+        if compiled is None or not compiled.accepts(unit.module, *unit.arguments):
             if compiled is not None and f"guards {key.digest}" not in self.logged:  # the reason costs a guard walk
-                self.log_once(f"guards {key.digest}", "%s: the compiled code for shape %s does not accept this call "
-                              "(%s); it runs uncompiled", NODE, list(call.x.shape),
-                              compiled.refusal(call.diffusion_model, *call.arguments()))
+                self.log_once(f"guards {key.digest}", "%s: the compiled code for %s does not accept this call (%s); it "
+                              "runs uncompiled", NODE, unit.describe(), compiled.refusal(unit.module, *unit.arguments))
             return None
         return compiled
 
-    def load_or_compile(self, call: UNetCall, key: CompileKey) -> CompiledCall | None:
+    def load_or_compile(self, unit: CompileUnit, key: CompileKey) -> CompiledCall | None:
         if key.digest in self.refused:
             return None
         path = self.store.path(key)
         job = self.jobs.get(key.digest)
         if job is None and path.exists():
-            return self.load(path, key, call)
+            return self.load(path, key, unit)
         if job is None:
-            if len(self.calls) + len(self.jobs) >= self.max_shapes:
-                self.log_once("max", "%s: %d call shapes already compiled (max_shapes): a new shape (%s) runs "
-                              "uncompiled; fix videos_per_call / multiview_sets_per_call of the guider to keep shapes "
-                              "few", NODE, self.max_shapes, list(call.x.shape))
-                return None
             if self.store.directory.is_dir():
                 self.store.remove_stale_partials()
-            job = self.placement.begin(call, path)
+            job = self.placement.begin(unit, path)
             if job is None:
                 return None
             self.jobs[key.digest] = job
@@ -456,37 +529,41 @@ class CompiledUNet:
         try:
             built = job.outcome()
         except Exception as error:
-            retry = self.placement.after_failure(call, path, error)
+            retry = self.placement.after_failure(unit, path, error)
             if retry is not None:  # the next call of the shape takes it up
                 self.jobs[key.digest] = retry
                 return None
             self.refused[key.digest] = str(error)
-            logging.warning("%s: could not compile calls of shape %s (%s: %s); they run uncompiled", NODE,
-                            list(call.x.shape), type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            logging.warning("%s: could not compile %s (%s: %s); it runs uncompiled", NODE, unit.describe(),
+                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             return None
-        self.events.append({"compiled": path.name, "shape": list(call.x.shape), "seconds": round(built.seconds, 1),
-                            "megabytes": round(built.bytes_written / 2**20, 1)})
-        logging.info("%s: compiled in %.1f s (%.1f MB kept)", NODE, built.seconds, built.bytes_written / 2**20)
-        return self.load(path, key, call)
+        self.events.append({"compiled": path.name, "unit": unit.label, "shape": list(unit.call.x.shape),
+                            "seconds": round(built.seconds, 1), "megabytes": round(built.bytes_written / 2**20, 1)})
+        logging.info("%s: compiled %s in %.1f s (%.1f MB kept)", NODE, unit.describe(), built.seconds,
+                     built.bytes_written / 2**20)
+        return self.load(path, key, unit)
 
-    def load(self, path: Path, key: CompileKey, call: UNetCall) -> CompiledCall | None:
+    def load(self, path: Path, key: CompileKey, unit: CompileUnit) -> CompiledCall | None:
         started = time.perf_counter()
         try:
             compiled = CompiledCall.load(path)
         except Exception as error:  # e.g. a file cut short by a full disk: say which, and go on uncompiled
             self.refused[key.digest] = str(error)
-            logging.warning("%s: could not load %s (%s: %s); calls of shape %s run uncompiled; delete the file "
-                            "to compile it again", NODE, path, type(error).__name__, error, list(call.x.shape))
+            logging.warning("%s: could not load %s (%s: %s); %s runs uncompiled; delete the file to compile it "
+                            "again", NODE, path, type(error).__name__, error, unit.describe())
             return None
         seconds = time.perf_counter() - started
-        self.events.append({"loaded": path.name, "shape": list(call.x.shape), "seconds": round(seconds, 2)})
-        logging.info("%s: loaded %s in %.1f s", NODE, path.name, seconds)
+        self.events.append({"loaded": path.name, "unit": unit.label, "shape": list(unit.call.x.shape),
+                            "seconds": round(seconds, 2)})
+        logging.info("%s: loaded %s (%s) in %.1f s", NODE, path.name, unit.describe(), seconds)
         self.calls[key.digest] = compiled
         return compiled
 
-    def key(self, call: UNetCall) -> CompileKey:
-        return CompileKey.of(call.diffusion_model, call.tensors(), call_device=str(call.x.device),
-                             static_kwargs=repr(call.static_kwargs()), attention=attention_functions()["optimized_attention"])
+    def key(self, unit: CompileUnit) -> CompileKey:
+        return CompileKey.of(unit.module, unit.tensors(), call_device=str(unit.call.x.device),
+                             function=f"{unit.function.__module__}.{unit.function.__qualname__}",
+                             arguments=plain_structure(unit.arguments),
+                             attention=attention_functions()["optimized_attention"])
 
     def log_once(self, topic: str, message: str, *args) -> None:
         if topic not in self.logged:
@@ -495,12 +572,12 @@ class CompiledUNet:
 
 
 def with_compile_and_keep(model, min_images: int, max_shapes: int, folder: Path | None = None,
-                          first_compile: str = "beside the run"):
-    """A clone of the ModelPatcher whose UNet calls run compiled (and kept on disk) where the rules allow; the first
-    compile of a shape runs where `first_compile` (a key of FIRST_COMPILE) says."""
+                          first_compile: str = "beside the run", pieces: int = DEFAULT_PIECES):
+    """A clone of the ModelPatcher whose UNet calls run compiled (and kept on disk) where the rules allow, the UNet
+    in `pieces` pieces; the first compile of a shape runs where `first_compile` (a key of FIRST_COMPILE) says."""
     patched = model.clone()
     wrapper = CompiledUNet(CompiledStore(folder or compiled_folder()), default_rules(min_images), max_shapes,
-                           FIRST_COMPILE[first_compile]())
+                           FIRST_COMPILE[first_compile](), pieces)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
     keep_clones_matched(patched)

@@ -68,9 +68,11 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("compiled_unets")
 
 
-def compiled(keep, model, folder, min_images=1, max_shapes=4, first_compile="before the call"):
+def compiled(keep, model, folder, min_images=1, max_shapes=4, first_compile="before the call", pieces=1):
+    """A Compile and Keep clone of `model`. One piece (the whole UNet, one file per call) unless asked: the tests of
+    where compiles run count processes per call; the default of four pieces has tests of its own."""
     return keep.with_compile_and_keep(model, min_images=min_images, max_shapes=max_shapes, folder=folder,
-                                      first_compile=first_compile)
+                                      first_compile=first_compile, pieces=pieces)
 
 
 @pytest.fixture
@@ -102,6 +104,48 @@ def test_a_compiled_call_gives_the_unets_prediction_and_leaves_one_file(first_co
     assert [path.suffix for path in folder.iterdir()] == [".compiled"]  # no partial file beside it
 
 
+@pytest.mark.parametrize("kind", ["svd", "sv3d_p"])
+@pytest.mark.parametrize("pieces", [2, 3, 4, 30])
+def test_the_unets_pieces_run_one_after_the_other_give_its_prediction_bit_for_bit(keep, kind, pieces):
+    """The pieces mirror the UNet's forward over its own blocks: uncompiled, they compute exactly what it does, for
+    every cut (30 asks for more pieces than the tiny UNet has blocks: one block each)."""
+    from mv4d.integration.patches.unet_pieces import cut_unet
+
+    model = svd_family_unet(kind, seed=0)
+    unet = model.model.diffusion_model
+    x, context, conds = svd_inputs()
+    conds["y"] = torch.randn(x.shape[0], unet.label_emb[0][0].in_features, generator=torch.Generator().manual_seed(1))
+    cut = cut_unet(unet, pieces)
+    assert len(cut) == min(pieces, len(unet.input_blocks) + 1 + len(unet.output_blocks))
+    assert sum(len(piece.blocks) for piece in cut) == len(unet.input_blocks) + 1 + len(unet.output_blocks)
+    eager = unet_call(model, x, context, **conds)
+    wrapped = compiled(keep, model, None, first_compile="before the call", pieces=pieces)
+    (wrapper,) = keep.compiled_unets_of(wrapped)
+    wrapper.compiled_for = lambda unit: None  # every piece uncompiled: the mirror alone
+    assert torch.equal(unet_call(wrapped, x, context, **conds), eager)
+
+
+def test_a_unet_compiled_in_pieces_gives_its_prediction_and_keeps_one_file_per_piece(keep, tmp_path):
+    """The node's default: four pieces, four files; a second wrapper loads them and compiles nothing."""
+    model = svd_family_unet("svd", seed=0)
+    x, context, conds = svd_inputs()
+    eager = unet_call(model, x, context, **conds)
+    wrapped = keep.with_compile_and_keep(model, min_images=1, max_shapes=4, folder=tmp_path,
+                                         first_compile="before the call")
+    (wrapper,) = keep.compiled_unets_of(wrapped)
+    result = unet_call(wrapped, x, context, **conds)
+    print(f"\ncompile and keep in pieces, tiny SVD: relative difference {relative(result, eager):.2e}; {wrapper.events}")
+    assert relative(result, eager) <= TOLERANCE
+    assert [event["unit"] for event in wrapper.events if "compiled" in event] == [
+        f"piece {number} of 4 of the UNet" for number in range(1, 5)]
+    assert len(list(tmp_path.glob("*.compiled"))) == 4
+    again = keep.with_compile_and_keep(model, min_images=1, max_shapes=4, folder=tmp_path, first_compile="before the call")
+    (second,) = keep.compiled_unets_of(again)
+    second.placement.begin = lambda unit, path: pytest.fail("a piece was compiled again")
+    assert torch.equal(unet_call(again, x, context, **conds), result)
+    assert [list(event)[0] for event in second.events] == ["loaded"] * 4
+
+
 def test_another_checkpoint_of_the_same_architecture_loads_the_file(keep, folder, first_compile, no_compiles):
     other = svd_family_unet("svd", seed=5)  # other weights, same layout
     x, context, conds = svd_inputs(seed=1)
@@ -111,7 +155,7 @@ def test_another_checkpoint_of_the_same_architecture_loads_the_file(keep, folder
     assert relative(result, eager) <= TOLERANCE
     assert relative(eager, first_compile[0]) > 0.1  # really another model's prediction
     (wrapper,) = keep.compiled_unets_of(wrapped)
-    assert [list(event) for event in wrapper.events] == [["loaded", "shape", "seconds"]]
+    assert [list(event) for event in wrapper.events] == [["loaded", "unit", "shape", "seconds"]]
 
 
 def test_a_weight_patch_reaches_the_compiled_call(keep, folder, first_compile, no_compiles):
@@ -146,7 +190,7 @@ def test_a_fresh_process_loads_the_file_and_traces_nothing(keep, folder, first_c
         from test_host_compile_and_keep import unet_call
         from mv4d.integration.patches.precompiled_unet import compiled_unets_of, with_compile_and_keep
         model = with_compile_and_keep(svd_family_unet("svd", seed=0), min_images=1, max_shapes=4, folder={str(folder)!r},
-                                      first_compile="before the call")
+                                      first_compile="before the call", pieces=1)
         x, context, conds = svd_inputs()
         torch.save(unet_call(model, x, context, **conds), sys.argv[1])
         print("EVENTS", compiled_unets_of(model)[0].events, "FRAMES", counters["stats"]["unique_graphs"])
@@ -343,7 +387,9 @@ def test_on_a_gpu_a_compile_process_starts_at_a_shapes_second_call_where_the_roo
     assert torch.equal(first, eager) and torch.equal(second, eager)
     assert len(started) == 1 and not before and gpu.measured == 1 and "beside the run" in caplog.text
     (process,) = keep.WORKER_COMPILES.values()
-    assert process.gpu_bytes == keep.weight_bytes(model.model.diffusion_model) + keep.WORKER_OVERHEAD_BYTES
+    # its example inputs as the UNet gets them: x with c_concat stacked on (8 channels), context, y, timesteps
+    examples = 4 * (3 * 8 * 8 * 8 + context.numel() + conds["y"].numel() + 3)
+    assert process.gpu_bytes == keep.weight_bytes(model.model.diffusion_model) + examples + keep.WORKER_OVERHEAD_BYTES
 
 
 def test_on_a_gpu_without_room_beside_the_calls_a_shape_compiles_before_the_call(keep, beside_on_a_gpu, caplog):
@@ -369,7 +415,7 @@ def test_on_a_gpu_a_shape_waits_while_another_compile_process_holds_the_room_the
     with caplog.at_level(logging.INFO):
         for _ in range(3):
             unet_call(wrapped, x, context, **conds)
-        assert not started and not before and caplog.text.count("wait for the one under way") == 1
+        assert not started and not before and caplog.text.count("waits for the ones under way") == 1
         other.process.code = 0  # the other compile has finished
         unet_call(wrapped, x, context, **conds)
     assert len(started) == 1 and not before
