@@ -266,7 +266,8 @@ class WorkerCompile(CompileJob):
             else:
                 output = log_tail(self.job)
                 last = output.splitlines()[-1] if output else "no output"
-                failure = WorkerOutOfMemory if "OutOfMemoryError" in output else RuntimeError
+                # PyTorch's OutOfMemoryError, or CUDA's "out of memory" where the process could not even start
+                failure = WorkerOutOfMemory if "out of memory" in output.lower() else RuntimeError
                 self.finished = FinishedCompile(error=failure(f"the compile process exited with code {code}: {last}\n{output}"))
             shutil.rmtree(self.job, ignore_errors=True)
         return self.finished.outcome()
@@ -284,8 +285,12 @@ class CompilePlacement:
         return run()
 
     def after_failure(self, unit: CompileUnit, path: Path, error: Exception) -> CompileJob | None:
-        """Another try for a shape whose compile failed with `error`, or None: its calls run uncompiled."""
+        """Another try for a unit whose compile failed with `error`: a job, START_AGAIN (`begin` at its next call),
+        or None: it runs uncompiled."""
         return None
+
+
+START_AGAIN = FinishedCompile()  # after_failure's "begin again at the next call"
 
 
 class CompileBeforeTheCall(CompilePlacement):
@@ -358,7 +363,8 @@ class CompileBesideTheRun(CompilePlacement):
     before: CompilePlacement = dataclasses.field(default_factory=CompileBeforeTheCall)
     gpu: CudaMemory = dataclasses.field(default_factory=CudaMemory)
     call_peaks: dict[tuple, int] = dataclasses.field(default_factory=dict)  # call shape -> its uncompiled peak
-    waiting: set[Path] = dataclasses.field(default_factory=set)  # shapes that were told to wait (logged once)
+    waiting: set[Path] = dataclasses.field(default_factory=set)  # units that were told to wait (logged once)
+    alone: set[Path] = dataclasses.field(default_factory=set)  # units whose process ran out of memory beside others
 
     def begin(self, unit, path):
         call = unit.call
@@ -375,6 +381,8 @@ class CompileBesideTheRun(CompilePlacement):
                 return WORKER_COMPILES[path]
             running = [compile for compile in WORKER_COMPILES.values() if compile.running()]
             if len(running) >= self.max_workers:
+                return None
+            if path in self.alone and any(compile.device == str(call.x.device) for compile in running):
                 return None
             need = 0
             if memory is not None:
@@ -419,7 +427,13 @@ class CompileBesideTheRun(CompilePlacement):
     def after_failure(self, unit, path, error):
         if not isinstance(error, WorkerOutOfMemory):
             return None
-        logging.info("%s: the compile process for %s ran out of GPU memory: compiling before the call instead",
+        WORKER_COMPILES.pop(path, None)
+        if path not in self.alone:  # the processes beside it took more than they were granted: try it alone
+            self.alone.add(path)
+            logging.info("%s: the compile process for %s ran out of GPU memory beside others: it starts again when "
+                         "no other compile process runs on the GPU", NODE, unit.describe())
+            return START_AGAIN
+        logging.info("%s: the compile process for %s ran out of GPU memory alone: compiling before the call instead",
                      NODE, unit.describe())
         return self.before.begin(unit, path)
 
@@ -530,6 +544,8 @@ class CompiledUNet:
             built = job.outcome()
         except Exception as error:
             retry = self.placement.after_failure(unit, path, error)
+            if retry is START_AGAIN:
+                return None
             if retry is not None:  # the next call of the shape takes it up
                 self.jobs[key.digest] = retry
                 return None

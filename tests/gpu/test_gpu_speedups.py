@@ -145,7 +145,7 @@ def test_compile_and_keep_beside_the_run_compiles_in_worker_processes(guider_mod
     the workers save one file per model, and a second sampling loads them and gives the compiled grid."""
     import time
 
-    from mv4d.integration.patches.precompiled_unet import compiled_unets_of, with_compile_and_keep
+    from mv4d.integration.patches.precompiled_unet import DEFAULT_PIECES, compiled_unets_of, with_compile_and_keep
 
     video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
     eager = composed_grid(guider_module, (video, multiview), conditioning, noise, sigmas, guider_module.GuiderSettings())
@@ -161,8 +161,9 @@ def test_compile_and_keep_beside_the_run_compiles_in_worker_processes(guider_mod
         second = composed_grid(guider_module, models, conditioning, noise, sigmas, guider_module.GuiderSettings())
     events = [event for wrapper in wrappers for event in wrapper.events]
     print(f"beside the run: {events}")
-    assert sum("compiled" in event for event in events) == 2 and sum("loaded" in event for event in events) == 2
-    assert len(list(tmp_path.glob("*.compiled"))) == 2
+    files = 2 * DEFAULT_PIECES  # one per piece of each model
+    assert sum("compiled" in event for event in events) == files and sum("loaded" in event for event in events) == files
+    assert len(list(tmp_path.glob("*.compiled"))) == files
     assert "does not accept" not in caplog.text, caplog.text  # the workers' code runs in this process
     assert_same_within_bf16(eager, first, "sampled while compiling vs eager")
     assert_same_within_bf16(eager, second, "compiled by the workers vs eager")

@@ -421,20 +421,47 @@ def test_on_a_gpu_a_shape_waits_while_another_compile_process_holds_the_room_the
     assert len(started) == 1 and not before
 
 
-def test_a_compile_process_that_ran_out_of_gpu_memory_hands_its_shape_to_the_compile_before_the_call(
+def test_a_compile_process_that_ran_out_of_gpu_memory_starts_again_alone_then_compiles_before_the_call(
         keep, beside_on_a_gpu, monkeypatch, caplog):
-    """Another program took the room after the process started: its shape compiles before the call instead of
-    running uncompiled for the rest of the run."""
+    """The processes beside it (or another program) took the room after it started: it starts again when no other
+    compile process runs on the GPU; out of memory alone too, its unit compiles before the call instead of running
+    uncompiled for the rest of the run."""
     model, wrapped, wrapper, started, before = beside_on_a_gpu
     wrapper.placement.gpu = StandInGpu(keep, free=40, call_peak=4)
     monkeypatch.setattr(keep, "start_worker", lambda job, threads: started.append(StandInProcess(code=1)) or started[-1])
-    monkeypatch.setattr(keep, "log_tail", lambda job: "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 30.00 MiB")
+    monkeypatch.setattr(keep, "log_tail", lambda job: "torch.AcceleratorError: CUDA error: out of memory")
+    other = keep.WorkerCompile(StandInProcess(), Path("other job"), Path("other.compiled"), 2**30, "cpu")
+    keep.WORKER_COMPILES[other.path] = other
     x, context, conds = svd_inputs()
     with caplog.at_level(logging.INFO):
-        for _ in range(2):
+        for _ in range(3):
             unet_call(wrapped, x, context, **conds)
-    assert len(started) == 1 and len(before) == 1
-    assert "ran out of GPU memory: compiling before the call instead" in caplog.text and "could not compile" not in caplog.text
+        assert len(started) == 1 and not before  # out of memory at the second call; the other process still runs
+        other.process.code = 0
+        unet_call(wrapped, x, context, **conds)
+    assert len(started) == 2 and len(before) == 1
+    assert "beside others: it starts again when no other compile process runs" in caplog.text
+    assert "ran out of GPU memory alone: compiling before the call instead" in caplog.text
+    assert "could not compile" not in caplog.text
+
+
+def test_beside_the_run_the_pieces_of_a_unet_compile_in_processes_side_by_side(keep, beside_on_a_gpu, tmp_path, caplog):
+    """Four pieces: at the shape's second call four processes start, each granted its piece's weights and example
+    inputs (together the UNet's weights once); the calls meanwhile give the UNet's prediction bit for bit."""
+    model, _, _, started, before = beside_on_a_gpu
+    wrapped = compiled(keep, model, tmp_path / "pieces", first_compile="beside the run", pieces=4)
+    (wrapper,) = keep.compiled_unets_of(wrapped)
+    wrapper.placement.gpu = StandInGpu(keep, free=40, call_peak=4)
+    wrapper.placement.max_workers = 8
+    x, context, conds = svd_inputs()
+    eager = unet_call(model, x, context, **conds)
+    with caplog.at_level(logging.INFO):
+        results = [unet_call(wrapped, x, context, **conds) for _ in range(2)]
+    assert all(torch.equal(result, eager) for result in results)
+    assert len(started) == 4 and not before
+    assert caplog.text.count("beside the run (a process of its own") == 4
+    granted = sum(process.gpu_bytes for process in keep.WORKER_COMPILES.values())
+    assert granted > keep.weight_bytes(model.model.diffusion_model) + 4 * keep.WORKER_OVERHEAD_BYTES
 
 
 def test_a_worker_compiles_with_the_threads_given_unless_the_user_set_inductors(comfy, tmp_path, monkeypatch):
