@@ -389,9 +389,14 @@ class CompileBesideTheRun(CompilePlacement):
                 need = weight_bytes(unit.module) + unit.example_bytes() + WORKER_OVERHEAD_BYTES
                 # Granted bytes count in full, also where a process has taken them already (then `free` counts
                 # them too): on a card this full, waiting is cheaper than a process that runs out of memory.
-                granted = sum(compile.gpu_bytes for compile in running if compile.device == str(call.x.device))
+                here = [compile for compile in running if compile.device == str(call.x.device)]
+                granted = sum(compile.gpu_bytes for compile in here)
                 room = memory.free + memory.cached - self.call_peaks[shape] - granted
-                if room < need and running:
+                # Beside another process, keep this call's peak free once more: the other model's calls, not
+                # measured yet, may need as much (three pieces' processes beside the run left a 24 GiB card's
+                # sampling process out of memory without it)
+                margin = self.call_peaks[shape] if here else 0
+                if room < need + margin and running:
                     if path not in self.waiting:
                         self.waiting.add(path)
                         logging.info("%s: no GPU room for another compile process beside the run: %s waits for "

@@ -421,6 +421,24 @@ def test_on_a_gpu_a_shape_waits_while_another_compile_process_holds_the_room_the
     assert len(started) == 1 and not before
 
 
+def test_on_a_gpu_a_process_beside_another_also_leaves_the_calls_peak_free_for_the_other_models_calls(
+        keep, beside_on_a_gpu, tmp_path, caplog):
+    """12 GiB free less a 4 GiB peak less 3 GiB granted leaves 5 GiB: enough for a process alone (1.5 GiB), not
+    beside another one, which must also leave the peak free once more (5.5 GiB); with 16 GiB free it starts."""
+    model, wrapped, wrapper, started, before = beside_on_a_gpu
+    other = keep.WorkerCompile(StandInProcess(), tmp_path / "other job", tmp_path / "other.compiled", 3 * 2**30, "cpu")
+    keep.WORKER_COMPILES[other.path] = other
+    gpu = wrapper.placement.gpu = StandInGpu(keep, free=12, call_peak=4)
+    x, context, conds = svd_inputs()
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            unet_call(wrapped, x, context, **conds)
+        assert not started and "waits for the ones under way" in caplog.text
+        gpu.memory = keep.DeviceMemory(16 * 2**30, 0)
+        unet_call(wrapped, x, context, **conds)
+    assert len(started) == 1 and not before
+
+
 def test_a_compile_process_that_ran_out_of_gpu_memory_starts_again_alone_then_compiles_before_the_call(
         keep, beside_on_a_gpu, monkeypatch, caplog):
     """The processes beside it (or another program) took the room after it started: it starts again when no other
