@@ -93,10 +93,10 @@ class CompileAndKeepNode(io.ComfyNode):
             display_name=KEEP_NODE,
             category="mv4d/speed",
             description="Optional speed-up, the same result up to rounding: each UNet call shape is compiled once by "
-                        "torch.compile (inductor, whole UNet) and the compiled function is kept whole under ComfyUI's "
-                        "user folder (user/mv4d/compiled_unets, PyTorch's caches beside it). The first run of a shape "
-                        "compiles it (about 1.5 minutes per UNet at the Diffusion² paper setting on an H200), by default in a "
-                        "process of its own while sampling starts uncompiled; later "
+                        "torch.compile (inductor, each UNet in a few pieces) and the compiled functions are kept whole "
+                        "under ComfyUI's user folder (user/mv4d/compiled_unets, PyTorch's caches beside it). The first "
+                        "run of a shape compiles it (about 1-1.5 minutes at the Diffusion² paper setting on an H200), by "
+                        "default the pieces side by side in processes of their own while sampling starts uncompiled; later "
                         "runs, also after a restart, load it in seconds without tracing again. Weights are not in the "
                         "file, so any checkpoint of the same architecture reuses it. Calls with attention patches, "
                         "ControlNets, other model wrappers or low-VRAM loading run uncompiled. Fix the guider's videos_per_call / multiview_sets_per_call so shapes stay few. "
@@ -112,8 +112,8 @@ class CompileAndKeepNode(io.ComfyNode):
                 io.Combo.Input("first_compile", options=list(FIRST_COMPILE), default="beside the run",
                                tooltip="Where a shape's first compile runs. 'beside the run': in a process of its own "
                                        "(the models' compiles side by side) while sampling starts at once uncompiled "
-                                       "and speeds up when the files are ready; it needs GPU room for a second copy "
-                                       "of the UNet's weights, else it compiles before the call. 'before the call': "
+                                       "and speeds up when the files are ready; it needs GPU room for a copy of each "
+                                       "piece's weights, else that piece compiles before the call. 'before the call': "
                                        "the run waits for the compile."),
                 io.Int.Input("pieces", default=DEFAULT_PIECES, min=1, max=32, optional=True,
                              tooltip="Each UNet is compiled in this many pieces (runs of its blocks), a file and, "
