@@ -1,6 +1,7 @@
-"""The patch behind MV4D Compile and Keep: a DIFFUSION_MODEL wrapper that runs each UNet call shape as one compiled
-function (kernels/precompile.py), compiled the first time the shape is met and kept under ComfyUI's user folder, so
-later processes, also after a restart, load it in seconds instead of compiling or tracing again.
+"""The patch behind MV4D Compile and Keep: a DIFFUSION_MODEL wrapper that runs each UNet call shape as a few compiled
+functions (kernels/precompile.py), one per piece of the UNet (unet_pieces.py: the pieces compile side by side),
+compiled the first time the shape is met and kept under ComfyUI's user folder, so later processes, also after a
+restart, load them in seconds instead of compiling or tracing again.
 
 What the trace sees is frozen into the compiled code: ComfyUI's Python around the UNet (attention patches, other
 wrappers, ControlNet, weights cast or patched at call time) would stop reacting to the step. So each call first goes
@@ -274,8 +275,8 @@ class WorkerCompile(CompileJob):
 
 
 class CompilePlacement:
-    """Where the first compile of a call shape runs. `begin` returns its job, or None when it cannot start now (the
-    call then runs uncompiled, through `uncompiled`, and the next call of the shape asks again)."""
+    """Where the first compile of a unit (a piece of the UNet in calls of one shape) runs. `begin` returns its job, or
+    None when it cannot start now (the unit then runs uncompiled, and the next call of the shape asks again)."""
 
     def begin(self, unit: CompileUnit, path: Path) -> CompileJob | None:
         raise NotImplementedError
