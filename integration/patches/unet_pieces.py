@@ -14,6 +14,7 @@ rules leave such calls to the UNet's own forward), and the transformer_options k
 from __future__ import annotations
 
 import torch
+from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
@@ -120,9 +121,8 @@ def cut_unet(unet: torch.nn.Module, pieces: int) -> list[UNetPiece] | None:
 
 
 def transformer_count(block) -> int:
-    """How many transformers a block holds (forward_timestep_embed counts them in transformer_options)."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-
+    """How many transformers a block holds (forward_timestep_embed counts them in transformer_options; the video
+    transformer is a SpatialTransformer too)."""
     return sum(isinstance(layer, SpatialTransformer) for layer in block)
 
 
