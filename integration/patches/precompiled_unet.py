@@ -131,7 +131,7 @@ class CompileUnit:
         return {str(number): tensor for number, tensor in enumerate(tensors_in(self.arguments))}
 
     def example_bytes(self) -> int:
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors_in(self.arguments))
+        return tensor_bytes(tensors_in(self.arguments))
 
     def describe(self) -> str:
         return f"{self.label} in calls of shape {list(self.call.x.shape)}"
@@ -450,7 +450,11 @@ class CompileBesideTheRun(CompilePlacement):
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in module.state_dict().values())
+    return tensor_bytes(module.state_dict().values())
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def attention_functions() -> dict[str, str]:
