@@ -11,6 +11,9 @@ parameters each; random weights: compute does not depend on the values), in bf16
   - "fp8": "fast" with both models through MV4D FP8 Matmuls (optional speed-up; changes the result);
   - "alternate": "fast" with alternate_models (optional speed-up: one model per evaluation; changes the result),
     timed over the evaluations after the first (one runs the video model, the next the multi-view model);
+  - "keep": both UNets through MV4D Compile and Keep (--keep-* options);
+  - "side_by_side" / "keep_side_by_side" (after "keep"): "fast" / "keep" with the two models' calls of each
+    evaluation side by side on two CUDA streams (roles_side_by_side; exact: the same calls in another order);
 
 Reports seconds per step, UNet FLOPs (torch's flop counter), achieved TFLOP/s, the share of the step outside the
 UNets (CUDA events around every UNet forward), peak VRAM, and the projected image -> 4D time. One JSON line.
@@ -299,7 +302,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=576, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke run) instead of the real architectures")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per path after one warm-up step")
-    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, no_short_attention, fp8, alternate, channels_last, fused, fused_<fusion>, keep")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated: fast, plain, no_shortcut, no_short_attention, fp8, alternate, channels_last, fused, fused_<fusion>, keep, side_by_side, keep_side_by_side (after keep)")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0, help="emulate a card of this size (0: whole GPU)")
     parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one extra step)")
     parser.add_argument("--compile", action="store_true",
@@ -417,11 +420,13 @@ def main() -> None:
 
     def run(path: str, per_call: tuple[int, int]) -> float:
         """One joint evaluation (for "alternate": three, timed over the last two); its seconds."""
-        models = {"fp8": fp8_models, "channels_last": channels_last_models, "keep": keep_models, **fused_models}.get(path) or (video_model, multiview_model)
+        models = {"fp8": fp8_models, "channels_last": channels_last_models, "keep": keep_models, "keep_side_by_side": keep_models,
+                  **fused_models}.get(path) or (video_model, multiview_model)
         settings = GuiderSettings(videos_per_call=per_call[0], multiview_sets_per_call=per_call[1],
                                   alternate_models=path == "alternate",  # otherwise the official defaults
                                   single_token_shortcut=path != "no_shortcut",
-                                  short_sequence_attention=path != "no_short_attention" and not args.without_short_attention)
+                                  short_sequence_attention=path != "no_short_attention" and not args.without_short_attention,
+                                  roles_side_by_side=path.endswith("side_by_side"))
         guider = ComposedGuider(*models, conditioning, settings)
         seconds = []
         original = guider.predict_noise
@@ -540,11 +545,14 @@ def main() -> None:
                                            if sum(values) >= 0.5}
         result["compile_cache_counters"] = {key: value for key, value in counters["inductor"].items() if "cache" in key}
         result["compile_cache_counters"].update({f"aot_{key}": value for key, value in counters["aot_autograd"].items() if "cache" in key})
-    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend", "keep")
+    speedups = ("fp8", "alternate", "channels_last", "fused", "fused_geglu", "fused_alpha_blend", "keep", "side_by_side")
     for path in speedups:  # the optional speed-ups against the exact fast path of the same run
         if "fast" in result and path in result:
             result[f"speedup_{path}_vs_fast"] = round(result["fast"]["step_seconds"] / result[path]["step_seconds"], 3)
-    for path in ("plain", "no_shortcut", "no_short_attention", "channels_last", "keep", *fused_models):  # exact (up to rounding): their grid against "fast"
+    if "keep" in outputs and "keep_side_by_side" in outputs:  # the same compiled calls, in another order on the GPU
+        result["keep_side_by_side"]["max_difference_vs_keep"] = (outputs["keep_side_by_side"] - outputs["keep"]).abs().max().item()
+        result["speedup_side_by_side_vs_keep"] = round(result["keep"]["step_seconds"] / result["keep_side_by_side"]["step_seconds"], 3)
+    for path in ("plain", "no_shortcut", "no_short_attention", "channels_last", "keep", "side_by_side", *fused_models):  # exact (up to rounding): their grid against "fast"
         if "fast" in outputs and path in outputs:
             difference = (outputs[path] - outputs["fast"]).abs().max() / outputs["fast"].abs().max()
             result[path]["max_difference_vs_fast_relative"] = float(f"{difference.item():.3g}")

@@ -17,6 +17,7 @@ checks (kernels.composition.reconcile); at a sigma outside one model's trained r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import weakref
 from contextlib import nullcontext
@@ -40,6 +41,7 @@ from .composition_roles import LAYOUT_NOUNS, prediction_space
 from .multi_gpu import DeviceRun, SpreadOverDevices, device_clones, note_single_gpu, relative_speeds, without_core_multigpu
 from .node_errors import input_error, kernel_errors_as_node_errors
 from .peak_memory import PeakMemory
+from .role_streams import OneAfterAnother, RoleOrder, SideBySide
 from .patches.short_sequence_attention import with_short_sequence_attention
 from .patches.single_token_attention import with_single_token_attention
 
@@ -52,6 +54,7 @@ FREE_MEMORY_SHARE = 0.85
 # latent shape, dtype): CallMemory}}. ComfyUI's own memory_required is a worst-case formula (about 6x what SVD-XT
 # uses at 576 px with PyTorch attention), so sizing by it alone runs one video per call on a 24 GB card.
 MEASURED_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+ONE_AFTER_ANOTHER = OneAfterAnother()
 
 
 @dataclass
@@ -300,6 +303,7 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         self.grid_conditioning = grid
         self.settings = settings
         self.chunking = chunking or SpreadOverDevices(MeasuredChunks())
+        self.side_by_side = SideBySide() if settings.roles_side_by_side else None
         note_single_gpu(GUIDER)
         self.inner_set_conds({"positive": roles[0].positive, "negative": roles[0].negative})
         self.additional_original_conds = [{"positive": comfy.sampler_helpers.convert_cond(role.positive),
@@ -309,6 +313,7 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         self.runs: list[RoleRun] = []
         self.pool = None  # ComfyUI's MultiGPU thread pool while it samples, if the host made one
         self.known_x0: torch.Tensor | None = None
+        self.told_one_after_another = False
 
     def summary(self) -> str:
         """Each role's prediction space, and where they are combined (for the node's text)."""
@@ -409,15 +414,32 @@ class ComposedGuider(comfy.samplers.CFGGuider):
         evaluation = len(self.weights_log) - 1
         # a role with weight 0 everywhere this step is not evaluated at all
         active = [bool((w > 0).any()) for w in weights]
-        for index, role in enumerate(self.roles):
-            if active[index] and self._needs_evaluation(index, evaluation, all(active)):
-                cfg = role.cfg if guided else (1.0, 1.0)
-                self.predictions[index] = (evaluation, self._role_prediction(index, x, timestep, cfg))
+        wanted = [index for index in range(len(self.roles)) if active[index] and self._needs_evaluation(index, evaluation, all(active))]
+        works = [functools.partial(self._role_prediction, index, x, timestep, self.roles[index].cfg if guided else (1.0, 1.0))
+                 for index in wanted]
+        for index, prediction in zip(wanted, self._role_order().run(works, x.device)):
+            self.predictions[index] = (evaluation, prediction)
         denoised = torch.zeros_like(x)
         for index, weight in enumerate(weights):
             if active[index]:
                 denoised += grid.per_view(weight).view(-1, 1, 1, 1) * self.predictions[index][1]
         return denoised
+
+    def _role_order(self) -> RoleOrder:
+        """Side by side where the settings ask for it, every role's calls have a fixed size and one device runs
+        them: automatic chunks size each call by the memory free when it starts, which the other role's call would
+        be taking at the same time, and several devices already run their shares side by side."""
+        if self.side_by_side is None:
+            return ONE_AFTER_ANOTHER
+        fixed = all(role.per_call > 0 for role in self.roles)
+        if fixed and not any(run.other_devices for run in self.runs):
+            return self.side_by_side
+        if not self.told_one_after_another:
+            self.told_one_after_another = True
+            logging.info("%s: the models run one after another, not side by side: %s", GUIDER,
+                         "side by side needs a fixed number of videos and multi-view sets per call (not 0)" if not fixed
+                         else "their calls are already spread over several GPUs")
+        return ONE_AFTER_ANOTHER
 
     def _needs_evaluation(self, index: int, evaluation: int, all_active: bool) -> bool:
         """Always, unless alternate_models is on: then, while every role counts, each evaluation runs one of them

@@ -3,9 +3,15 @@ Keep leaves beside a run's calls."""
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
+
+# One measurement at a time in this process (nested ones in one thread are fine): CUDA's peak statistic is one per
+# device, so another thread's reset would drop this block's peak (the composed guider's roles side by side). What the
+# other thread allocates meanwhile still counts, so a measurement then errs on the large side.
+MEASURING = threading.RLock()
 
 
 class PeakMemory:
@@ -20,7 +26,8 @@ class PeakMemory:
         if not enabled or self.device.type != "cuda":
             yield self
             return
-        base = torch.cuda.memory_allocated(self.device)  # the allocator's host-side counters: no device sync
-        torch.cuda.reset_peak_memory_stats(self.device)
-        yield self
-        self.bytes = torch.cuda.max_memory_allocated(self.device) - base
+        with MEASURING:
+            base = torch.cuda.memory_allocated(self.device)  # the allocator's host-side counters: no device sync
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield self
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - base

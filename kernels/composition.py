@@ -72,6 +72,9 @@ class GuiderSettings:
     # exact up to rounding (as a change of attention backend): self-attention over at most 64 tokens (the temporal
     # layers' frames / views) through mv4d's one-tile Triton kernel, about 5x faster there than PyTorch's kernels
     short_sequence_attention: bool = True
+    # exact (the same calls on the same inputs): the roles' UNet work of one evaluation side by side on two CUDA
+    # streams, so one model's memory-bound kernels overlap the other's matrix products
+    roles_side_by_side: bool = False
 
 
 @dataclass(frozen=True)

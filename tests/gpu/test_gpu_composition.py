@@ -50,11 +50,11 @@ def tiny_grid_setup(guider_module, steps=3):
     return video, multiview, conditioning, noise, sigmas
 
 
-def sample_grid(guider_module, video, multiview, conditioning, noise, sigmas, per_call=0):
+def sample_grid(guider_module, video, multiview, conditioning, noise, sigmas, per_call=0, **settings_overrides):
     import comfy.samplers
     from mv4d.kernels.composition import CompositionSchedule
 
-    settings = guider_module.GuiderSettings(CompositionSchedule(), (1.5, 3.0), (2.5, 2.5), per_call, per_call)
+    settings = guider_module.GuiderSettings(CompositionSchedule(), (1.5, 3.0), (2.5, 2.5), per_call, per_call, **settings_overrides)
     guider = guider_module.ComposedGuider(video, multiview, conditioning, settings)
     with torch.inference_mode():
         return guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas,
@@ -161,3 +161,29 @@ def test_the_cpu_waits_for_the_gpu_per_step_not_per_call(guider_module):
     print(f"CPU <-> GPU copies and reads in 3 steps: automatic chunks {crossings[0]}, one per call {crossings[1]}")
     assert crossings[0] > 0, "the count saw none of the per-step reads (sigma): it proves nothing"
     assert crossings[1] == crossings[0]
+
+
+def test_the_roles_side_by_side_on_two_streams_give_the_grid_of_one_after_another(guider_module):
+    """The same calls on the same inputs, the multi-view model's on a side stream: the grid differs at most by the
+    rounding of kernels that pick another algorithm (none expected), and the side stream was really used."""
+    video, multiview, conditioning, noise, sigmas = tiny_grid_setup(guider_module, steps=4)
+    streams = []
+    original = guider_module.comfy.samplers.calc_cond_batch
+
+    def spy(model, *args, **kwargs):
+        streams.append((type(model).__name__, torch.cuda.current_stream().cuda_stream))
+        return original(model, *args, **kwargs)
+
+    guider_module.comfy.samplers.calc_cond_batch = spy
+    try:
+        grids = {side: sample_grid(guider_module, video, multiview, conditioning, noise, sigmas, 2, roles_side_by_side=side)
+                 for side in (False, True)}
+    finally:
+        guider_module.comfy.samplers.calc_cond_batch = original
+    default = torch.cuda.default_stream().cuda_stream
+    side_streams = {stream for name, stream in streams[len(streams) // 2:] if name == "SV3D_p"}
+    difference = (grids[True] - grids[False]).abs().max().item()
+    print(f"side by side vs one after another, bf16: max |difference| {difference:.3e}; multi-view streams {side_streams}")
+    assert side_streams and default not in side_streams
+    assert {stream for name, stream in streams if name == "SVD_img2vid"} == {default}
+    assert difference <= 2e-2 * grids[False].abs().max().item()
