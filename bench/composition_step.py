@@ -22,6 +22,7 @@ UNets (CUDA events around every UNet forward), peak VRAM, and the projected imag
     python -P bench/composition_step.py --memory-cap-gib 24    # as on a 24 GB card (another process holds the rest)
     python -P bench/composition_step.py --paths fast,fp8,alternate --no-flops   # the optional speed-ups, side by side
     python -P bench/composition_step.py --paths no_shortcut,fast --profile   # the exact saving, and where the time goes
+    python -P bench/composition_step.py --paths fast --decode --no-flops   # also the row decode: seconds, TFLOP, channels-last
     OMP_NUM_THREADS=1 python -P bench/composition_step.py --tiny --views 3 --frames 4 --size 64   # CPU smoke run
 
 Needs a ComfyUI source tree at $COMFYUI_DIR or ~/ComfyUI (its Python requirements installed).
@@ -233,24 +234,43 @@ class BatchSizes:
         return sizes
 
 
-def time_row_decode(frames: int, latent: int, cuda: bool) -> float:
-    """Seconds to decode one row (a video at one view), as MV4D Decode Grid does, with SVD's VAE architecture
-    (ComfyUI builds it, temporal decoder included, when it sees this key; random weights)."""
+def time_row_decode(frames: int, latent: int, cuda: bool) -> dict:
+    """One row (a video at one view) decoded as MV4D Decode Grid does, with SVD's VAE architecture (ComfyUI builds
+    it, temporal decoder included, when it sees this key; random weights): its seconds, its TFLOP (torch's flop
+    counter: the convolutions and the mid-block attention), and the same with the decoder's weights channels-last
+    (4-d and 5-d), the layout whose convolutions ran fastest in the UNets (bench/RESULTS.md), to see what the decode
+    leaves on the table."""
     import comfy.sd
     from mv4d_tiny_models import init_weights
+    from torch.utils.flop_counter import FlopCounterMode
 
     vae = comfy.sd.VAE(sd={"decoder.mid.block_1.mix_factor": torch.zeros(1)})
     init_weights(vae.first_stage_model, 3)
     row = torch.randn(frames, 4, latent, latent) * 0.5
-    with torch.inference_mode():
+
+    def timed() -> tuple[float, torch.Tensor]:
         vae.decode(row)  # warm-up: loading, kernel selection
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        vae.decode(row)
+        images = vae.decode(row)
         if cuda:
             torch.cuda.synchronize()
-    return time.perf_counter() - started
+        return time.perf_counter() - started, images
+
+    with torch.inference_mode():
+        seconds, images = timed()
+        with FlopCounterMode(display=False) as counter:
+            vae.decode(row)
+        for parameter in vae.first_stage_model.parameters():
+            if parameter.dim() in (4, 5):
+                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last if parameter.dim() == 4 else torch.channels_last_3d)
+        seconds_channels_last, images_channels_last = timed()
+    tflop = counter.get_total_flops() / 1e12
+    return {"decode_row_seconds": round(seconds, 3), "decode_row_tflop": round(tflop, 2),
+            "decode_row_tflops_per_s": round(tflop / seconds, 1),
+            "decode_row_seconds_channels_last": round(seconds_channels_last, 3),
+            "decode_channels_last_max_difference": float(f"{(images_channels_last - images).abs().max().item():.3g}")}
 
 
 def keep_events(models) -> list[dict]:
@@ -533,7 +553,7 @@ def main() -> None:
         result[path] = entry
         print(json.dumps({path: entry}), file=sys.stderr, flush=True)  # partial results survive a time limit
     if args.decode:
-        result["decode_row_seconds"] = round(time_row_decode(args.frames, latent, cuda), 2)
+        result.update(time_row_decode(args.frames, latent, cuda))
         result["projected_decode_seconds"] = round(result["decode_row_seconds"] * args.views, 1)
     if "fast" in result and "plain" in result:
         result["speedup_fast_vs_plain"] = round(result["plain"]["step_seconds"] / result["fast"]["step_seconds"], 3)
