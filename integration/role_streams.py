@@ -50,7 +50,9 @@ class SideBySide:
         for index, work in enumerate(works[1:]):
             stream = None
             if main is not None:
-                stream = self.streams.setdefault((device, index), torch.cuda.Stream(device))
+                if (device, index) not in self.streams:  # made once: a stream lives as long as the guider
+                    self.streams[device, index] = torch.cuda.Stream(device)
+                stream = self.streams[device, index]
                 stream.wait_stream(main)
                 sides.append(stream)
             futures.append(self.pool.submit(_in_worker, work, stream, *modes))
