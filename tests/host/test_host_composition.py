@@ -8,6 +8,7 @@ azimuths follow the official convention; bad input is refused with a message nam
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -85,9 +86,10 @@ def sample(guider, noise, latent, sampler=None, sigmas=None):
 
 
 @contextmanager
-def spy_on_unet_calls():
+def spy_on_unet_calls(before_call=None):
     """Records (model class, batch, ids of the models ComfyUI's model management holds, image-forwards: batch x
-    cond passes) for every batch of UNet work."""
+    cond passes, the calling thread's name) for every batch of UNet work; before_call(calls), if given, runs after
+    the call is recorded and before it goes on."""
     import comfy.model_management
     import comfy.samplers
 
@@ -96,7 +98,10 @@ def spy_on_unet_calls():
 
     def spy(model, conds, x, *args, **kwargs):
         loaded = {id(entry.model.model) for entry in comfy.model_management.current_loaded_models if entry.model is not None}
-        calls.append((type(model).__name__, x.shape[0], loaded, x.shape[0] * sum(c is not None for c in conds)))
+        calls.append((type(model).__name__, x.shape[0], loaded, x.shape[0] * sum(c is not None for c in conds),
+                      threading.current_thread().name))
+        if before_call:
+            before_call(calls)
         return original(model, conds, x, *args, **kwargs)
 
     comfy.samplers.calc_cond_batch = spy

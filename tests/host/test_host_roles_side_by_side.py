@@ -8,12 +8,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from contextlib import contextmanager
-
 import pytest
 import torch
 
-from test_host_composition import cameras, composed_guider, grid_conditioning, grid_noise, models, references, sample  # noqa: F401
+from test_host_composition import (cameras, composed_guider, grid_conditioning, grid_noise, models, references,  # noqa: F401
+                                   sample, spy_on_unet_calls)
 
 PER_CALL = dict(videos_per_call=2, multiview_sets_per_call=2)
 WAIT_SECONDS = 60  # only a guard against a hang: both roles meet at their first call within moments when side by side
@@ -27,31 +26,21 @@ def side_by_side(guider):
                           dataclasses.replace(guider.settings, roles_side_by_side=True))
 
 
-@contextmanager
 def calls_by_thread(meet: bool = False, on_call=None):
-    """Records (model class, thread name) of every UNet call. meet: the two models' first calls wait for each other
-    (a barrier of two), which only returns if both are in flight at once. on_call(model class, call index) runs
-    before each call."""
-    import comfy.samplers
+    """Every UNet call as spy_on_unet_calls records it (model class first, the calling thread's name last). meet: the
+    two models' first calls wait for each other (a barrier of two), which only returns if both are in flight at
+    once. on_call(model class, call index) runs before each call."""
+    barrier, met = threading.Barrier(2, timeout=WAIT_SECONDS), set()
 
-    calls, barrier, original = [], threading.Barrier(2, timeout=WAIT_SECONDS), comfy.samplers.calc_cond_batch
-    met = set()
-
-    def spy(model, conds, x, *args, **kwargs):
-        name = type(model).__name__
-        calls.append((name, threading.current_thread().name))
+    def before_call(calls):
+        name = calls[-1][0]
         if meet and name not in met:
             met.add(name)
             barrier.wait()
         if on_call:
             on_call(name, sum(call[0] == name for call in calls) - 1)
-        return original(model, conds, x, *args, **kwargs)
 
-    comfy.samplers.calc_cond_batch = spy
-    try:
-        yield calls
-    finally:
-        comfy.samplers.calc_cond_batch = original
+    return spy_on_unet_calls(before_call)
 
 
 def test_the_roles_side_by_side_give_the_same_grid_with_both_in_flight_at_once(mv4d_nodes, models, cameras, references):  # noqa: F811
@@ -63,8 +52,8 @@ def test_the_roles_side_by_side_give_the_same_grid_with_both_in_flight_at_once(m
     with calls_by_thread(meet=True) as calls:
         grid = sample(side_by_side(one_after_another), noise, latent)
     assert torch.equal(grid, expected)
-    assert sorted(name for name, _ in calls) == sorted(name for name, _ in plain_calls)
-    threads = {name: {thread for model, thread in calls if model == name} for name in ("SVD_img2vid", "SV3D_p")}
+    assert sorted(call[0] for call in calls) == sorted(call[0] for call in plain_calls)
+    threads = {name: {call[-1] for call in calls if call[0] == name} for name in ("SVD_img2vid", "SV3D_p")}
     print(f"threads per model: {threads}")
     assert threads["SVD_img2vid"] == {threading.current_thread().name}
     assert len(threads["SV3D_p"]) == 1 and next(iter(threads["SV3D_p"])).startswith("mv4d-role")
@@ -76,7 +65,7 @@ def test_automatic_call_sizes_keep_the_roles_one_after_another(mv4d_nodes, model
     guider = side_by_side(composed_guider(mv4d_nodes, models, conditioning, videos_per_call=0, multiview_sets_per_call=0))
     with caplog.at_level(logging.INFO), calls_by_thread() as calls:
         sample(guider, grid_noise(5), latent)
-    assert {thread for _, thread in calls} == {threading.current_thread().name}
+    assert {call[-1] for call in calls} == {threading.current_thread().name}
     told = [r.getMessage() for r in caplog.records if "one after another" in r.getMessage()]
     assert len(told) == 1 and "fixed number of videos and multi-view sets per call" in told[0]
 
@@ -95,4 +84,4 @@ def test_a_failing_role_lets_the_other_finish_before_its_error_goes_up(mv4d_node
 
     with calls_by_thread(on_call=on_call) as calls, pytest.raises(RuntimeError, match="the video model failed"):
         sample(guider, grid_noise(5), latent)
-    assert sum(name == "SV3D_p" for name, _ in calls) == multiview_calls  # all of its first evaluation, done
+    assert sum(call[0] == "SV3D_p" for call in calls) == multiview_calls  # all of its first evaluation, done
